@@ -1,0 +1,289 @@
+//! The code `#[idempotent]` generates.
+
+use proc_macro2::{Delimiter, Group, Ident, Literal, Span, TokenStream, TokenTree};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+
+use crate::ast::Handler;
+use crate::attr::{self, DurationValue, Errors};
+use crate::valid::{self, FingerprintPlan, KeyPlan, Plan};
+
+/// The whole macro on `proc_macro2` types: parse → validate → expand. On any error the
+/// function is emitted unchanged next to the errors, so the rest of the crate still type-checks.
+pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
+    let mut errors = Errors::default();
+    let options = attr::parse(args, &mut errors);
+    let handler = match Handler::parse(item.clone()) {
+        Ok(handler) => handler,
+        Err(error) => {
+            errors.push(error);
+            let errors = errors.to_compile_errors();
+            return quote!(#item #errors);
+        }
+    };
+    match valid::validate(options, &handler, &mut errors) {
+        Some(plan) if errors.is_empty() => generate(&handler, &plan),
+        _ => {
+            // The options that use the arguments are gone with the expansion: do not add
+            // "unused variable" warnings to the errors.
+            let item = &handler.item;
+            let errors = errors.to_compile_errors();
+            quote!(#[allow(unused_variables)] #item #errors)
+        }
+    }
+}
+
+fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
+    let syn::ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
+        ..
+    } = &handler.item;
+    let outer = attrs
+        .iter()
+        .filter(|attr| matches!(attr.style, syn::AttrStyle::Outer));
+    let inner = attrs
+        .iter()
+        .filter(|attr| matches!(attr.style, syn::AttrStyle::Inner(_)));
+    let krate = &plan.krate;
+    let private = quote!(#krate::__private);
+    let output = &plan.output;
+    let local = |name: &str| format_ident!("__idem_{}", name, span = Span::mixed_site());
+    let (store, key, fingerprint, body) = (
+        local("store"),
+        local("key"),
+        local("fingerprint"),
+        local("body"),
+    );
+
+    // The store argument of `run` is shown at the `store = …` expression: a value that is not a
+    // store is reported there (and once more at the return type, where the call is).
+    let store_expr = &plan.store;
+    let store_stmt = quote_spanned!(store_expr.span()=> let #store = &(#store_expr););
+    let store_arg = Ident::new(
+        &store.to_string(),
+        Span::mixed_site().located_at(store_expr.span()),
+    );
+
+    let scope = match &plan.scope {
+        Some(scope) => quote!(#scope),
+        None => {
+            let name = sig.ident.to_string();
+            quote!(#private::concat!(#private::module_path!(), "::", #name))
+        }
+    };
+    let key_stmt = match &plan.key {
+        KeyPlan::Field {
+            base,
+            members,
+            span,
+        } => {
+            quote_spanned!(*span=> let #key = #private::record_key(#scope, &(#base #(.#members)*));)
+        }
+        KeyPlan::Expr(expr) => {
+            let borrowed = borrow_parts(expr, &quote!(#private::key_part));
+            quote_spanned!(expr.span()=> let #key = #private::record_key(#scope, &(#borrowed));)
+        }
+    };
+    let fingerprint_stmt = match &plan.fingerprint {
+        FingerprintPlan::Off => quote!(let #fingerprint = #private::no_fingerprint();),
+        FingerprintPlan::Args(args, span) if args.len() == 1 => {
+            quote_spanned!(*span=> let #fingerprint = #private::fingerprint(&(#(#args)*));)
+        }
+        FingerprintPlan::Args(args, span) => {
+            quote_spanned!(*span=> let #fingerprint = #private::fingerprint(&(#(&#args,)*));)
+        }
+        FingerprintPlan::Expr(expr) => {
+            let borrowed = borrow_parts(expr, &quote!(#private::payload_part));
+            quote_spanned!(expr.span()=> let #fingerprint = #private::fingerprint(&(#borrowed));)
+        }
+    };
+
+    let mut policy = quote!(#krate::Policy::new());
+    for (method, value) in [
+        ("with_ttl", &plan.ttl),
+        ("with_lease", &plan.lease),
+        ("with_wait", &plan.wait),
+    ] {
+        let method = format_ident!("{}", method);
+        match value {
+            Some(DurationValue::Literal { lit, millis }) => {
+                let millis = Literal::u64_suffixed(*millis);
+                policy.extend(
+                    quote_spanned!(lit.span()=> .#method(#private::Duration::from_millis(#millis))),
+                );
+            }
+            Some(DurationValue::Expr(expr)) => {
+                policy.extend(quote_spanned!(expr.span()=> .#method(#expr)));
+            }
+            None => {}
+        }
+    }
+    if plan.heartbeat {
+        policy.extend(quote!(.with_heartbeat(true)));
+    }
+
+    // rustc reports a broken bound of `run` at the call and again at its `.await`: both are
+    // shown at the return type (and `R` is inferred from it, not named), so the bounds on `T`
+    // and `E` are reported once, at the type that breaks them. The span stays the macro's, so
+    // lints such as `unused_qualifications` leave the generated path alone.
+    let anchor = local("anchor");
+    let at_output = Span::call_site().located_at(output.span());
+    let path = respan(quote!(#private::run), at_output);
+    let args = quote!(#store_arg, #key, #fingerprint, #policy, #body);
+    let mut args = Group::new(Delimiter::Parenthesis, args);
+    args.set_span(at_output);
+    let run = quote_spanned!(at_output=> #path #args.await);
+    quote! {
+        #(#outer)*
+        #vis #sig {
+            #(#inner)*
+            #store_stmt
+            #key_stmt
+            #fingerprint_stmt
+            let #body = async {
+                #[allow(
+                    unknown_lints,
+                    unreachable_code,
+                    clippy::diverging_sub_expression,
+                    clippy::empty_loop,
+                    clippy::let_unit_value,
+                    clippy::needless_return,
+                    clippy::unreachable
+                )]
+                if false {
+                    let #anchor: #output = loop {};
+                    return #anchor;
+                }
+                #block
+            };
+            #run
+        }
+    }
+}
+
+/// The tokens with every span set to `span`.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut token| {
+            if let TokenTree::Group(group) = &token {
+                let mut inner = Group::new(group.delimiter(), respan(group.stream(), span));
+                inner.set_span(span);
+                token = TokenTree::Group(inner);
+            } else {
+                token.set_span(span);
+            }
+            token
+        })
+        .collect()
+}
+
+/// A composite key or fingerprint `(a, b)` as `(&(a), &(b))`, so its parts are borrowed, not
+/// moved out of the message the body still uses (a tuple of references serializes, and so
+/// fingerprints, exactly like the tuple of values). Other expressions are borrowed whole by
+/// the caller.
+///
+/// Each part goes through `check` (a function returning its argument), whose bound is then
+/// reported at the part that breaks it rather than at the whole tuple.
+fn borrow_parts(expr: &syn::Expr, check: &TokenStream) -> TokenStream {
+    match expr {
+        syn::Expr::Tuple(tuple) => {
+            let parts = tuple.elems.iter().map(|part| {
+                let borrowed = borrow_parts(part, check);
+                quote_spanned!(part.span()=> #check(&(#borrowed)))
+            });
+            quote_spanned!(tuple.paren_token.span.join()=> (#(#parts,)*))
+        }
+        syn::Expr::Paren(paren) => borrow_parts(&paren.expr, check),
+        other => quote!(#other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expand(args: TokenStream, item: TokenStream) -> String {
+        idempotent(args, item).to_string()
+    }
+
+    #[test]
+    fn keeps_the_signature_and_wraps_the_body() {
+        let out = expand(
+            quote!(key = "order_no", store = store, ttl = "1h"),
+            quote!(
+                pub async fn pay(store: &S, msg: Msg) -> Result<u32, E> {
+                    Ok(1)
+                }
+            ),
+        );
+        assert!(
+            out.starts_with("pub async fn pay (store : & S , msg : Msg) -> Result < u32 , E >"),
+            "{out}"
+        );
+        assert!(out.contains("record_key"), "{out}");
+        assert!(out.contains("msg . order_no"), "{out}");
+        assert!(out.contains("from_millis (3600000u64)"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn on_error_emits_the_function_unchanged_and_every_error() {
+        let out = expand(
+            quote!(tll = "1h", strategy = "magic"),
+            quote!(
+                fn pay(msg: Msg) -> () {}
+            ),
+        );
+        assert!(
+            out.starts_with("# [allow (unused_variables)] fn pay (msg : Msg) -> () { }"),
+            "{out}"
+        );
+        for expected in [
+            "unknown option `tll`",
+            "must be `async fn`",
+            "must return `Result<T, E>`",
+            "unknown strategy `magic`",
+            "missing option `key`",
+            "missing option `store`",
+        ] {
+            assert!(out.contains(expected), "missing {expected:?} in {out}");
+        }
+    }
+
+    #[test]
+    fn borrows_the_parts_of_a_composite_key() {
+        let out = expand(
+            quote!(key = (msg.tenant, (msg.order_no)), store = store),
+            quote!(
+                async fn pay(store: &S, msg: Msg) -> Result<u32, E> {
+                    Ok(1)
+                }
+            ),
+        );
+        assert!(
+            out.contains("key_part (& (msg . tenant))")
+                && out.contains("key_part (& (msg . order_no))"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_field_key_does_not_read_the_store_argument() {
+        let out = expand(
+            quote!(key = "order_no", store = &store),
+            quote!(
+                async fn pay(msg: Msg, store: &S) -> Result<u32, E> {
+                    Ok(1)
+                }
+            ),
+        );
+        assert!(
+            out.contains("`store`, is the store: name the message argument, e.g. `key = \\\"msg.order_no\\\"`"),
+            "{out}"
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! Procedural macros of idem. Depend on `idem-runtime`, which re-exports them: the generated
+//! code calls into it.
+
+mod ast;
+mod attr;
+mod expand;
+mod valid;
+
+use proc_macro::TokenStream;
+
+/// Makes an `async fn` handler idempotent: its body runs once per business key, and
+/// duplicates get the stored result back.
+///
+/// ```
+/// use idem_runtime::{idempotent, MemoryStore};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize)] struct OrderPaid { order_no: String, amount: u64 }
+/// # #[derive(Serialize, Deserialize)] struct Receipt { points: u64 }
+/// # #[derive(Debug)] struct AppError;
+/// # impl From<idem_runtime::Error> for AppError { fn from(_: idem_runtime::Error) -> Self { AppError } }
+///
+/// struct Points { store: MemoryStore }
+///
+/// impl Points {
+///     #[idempotent(key = "order_no", store = &self.store, ttl = "7d", lease = "1m")]
+///     async fn on_order_paid(&self, msg: OrderPaid) -> Result<Receipt, AppError> {
+///         Ok(Receipt { points: msg.amount / 10 })
+///     }
+/// }
+/// ```
+///
+/// The function keeps its signature (free functions, `&self` methods, generic functions).
+/// It must be an `async fn` returning `Result<T, E>` where `T: Serialize + DeserializeOwned`
+/// (the stored result) and `E: From<idem_runtime::Error>` (so idem's outcomes, such as
+/// "in progress", reach the caller).
+///
+/// # Options
+///
+/// | option | value | default |
+/// |---|---|---|
+/// | `key` | `"field"`, `"arg.field.field"`, or any expression over the arguments | required |
+/// | `store` | an expression giving the store (`&self.store`, an argument, …) | required |
+/// | `scope` | a string naming the key space | `module_path!()::fn_name` |
+/// | `ttl` | how long a completed result is kept: `"24h"`, or a `Duration` expression | `"24h"` |
+/// | `lease` | how long an in-progress claim lives: `"30s"`, or a `Duration` expression | `"30s"` |
+/// | `fingerprint` | an expression to hash, `true`, or `false` | the key's argument(s) |
+/// | `wait` | a duplicate that finds the key in progress waits up to this for the result | fail at once |
+/// | `heartbeat` | `true` extends the lease every third of it while the body runs | `false` |
+/// | `strategy` | `"claim"` | `"claim"` |
+/// | `crate` | the path idem is reachable at, for crates that re-export it | `"::idem_runtime"` |
+///
+/// Durations are strings with a unit (`"500ms"`, `"30s"`, `"5m"`, `"24h"`, `"7d"`), checked at
+/// compile time, or expressions of type `std::time::Duration`.
+///
+/// # Keys
+///
+/// * `key = "order_no"` reads the field `order_no` of the **last** argument (the message); a
+///   misspelt field is a compile error that names it.
+/// * `key = "msg.order.id"` starts from the argument `msg`; `key = "order_no"` where
+///   `order_no` is itself an argument uses that argument.
+/// * `key = <expression>`: anything implementing `idem_runtime::IdempotencyKey` — strings,
+///   integers, uuids, and tuples of those for composite keys:
+///   `key = (msg.tenant.as_str(), msg.order_no)`.
+///
+/// Use the *business* key (order number, request id), not the broker's message id: a producer
+/// that resends creates a new message id. An empty key is an error at run time; a long one is
+/// hashed.
+///
+/// # Scope
+///
+/// Keys live in a scope, by default the handler's module path and name. Pin it with
+/// `scope = "points.credit"` so that renaming or moving the function does not silently start
+/// a new key space (every stored key would be forgotten). Two handlers must not share a scope
+/// unless they are the same operation; two methods with the same name in one module do share
+/// the default scope, so give them a `scope`.
+///
+/// # Fingerprint
+///
+/// A reused key with another payload is not a duplicate: the call fails with
+/// `Error::FingerprintMismatch` instead of replaying the wrong result. By default the argument
+/// the key is read from (or the arguments a key expression mentions) is hashed, so it must
+/// implement `Serialize`. Keep delivery metadata (a broker message id, a send timestamp) out
+/// of it with `#[serde(skip)]`, or a resend would look like a reused key.
+/// `fingerprint = (msg.amount, msg.currency)` hashes something else; `fingerprint = false`
+/// turns the check off.
+///
+/// # At run time
+///
+/// See `idem_runtime::run`, which the body is handed to: a completed key replays the stored
+/// result without running the body; a key in progress gives `Error::InProgress` (do not ack,
+/// redeliver later) or, with `wait`, the first call's result; an `Err` from the body releases
+/// the claim so a retry runs again; a panic or a dropped future leaves the claim to expire
+/// with its lease.
+#[proc_macro_attribute]
+pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::idempotent(args.into(), item.into()).into()
+}

@@ -1,0 +1,302 @@
+//! Rules across the options and the function: what the expansion may rely on.
+
+use proc_macro2::{Span, TokenStream, TokenTree};
+use quote::format_ident;
+use syn::spanned::Spanned;
+use syn::{Expr, Ident, Index, LitStr, Member, ReturnType, Type};
+
+use crate::ast::Handler;
+use crate::attr::{DurationValue, Errors, FingerprintValue, Key, Options};
+
+/// Strategies that later versions add; named so the error can say so.
+const LATER_STRATEGIES: &[&str] = &["tx", "version", "state"];
+
+/// What the expansion generates, all checked.
+pub struct Plan {
+    pub krate: syn::Path,
+    pub store: Expr,
+    pub key: KeyPlan,
+    pub fingerprint: FingerprintPlan,
+    pub scope: Option<LitStr>,
+    pub ttl: Option<DurationValue>,
+    pub lease: Option<DurationValue>,
+    pub wait: Option<DurationValue>,
+    pub heartbeat: bool,
+    pub output: Type,
+}
+
+/// Where the business key comes from.
+pub enum KeyPlan {
+    /// `base.member.member…`, the members spanned at the option's string.
+    Field {
+        base: Ident,
+        members: Vec<Member>,
+        span: Span,
+    },
+    Expr(Expr),
+}
+
+/// What is fingerprinted.
+pub enum FingerprintPlan {
+    Off,
+    /// These arguments, as one value (a tuple when several).
+    Args(Vec<Ident>, Span),
+    Expr(Expr),
+}
+
+/// Checks the options against each other and against the function; records every problem.
+pub fn validate(options: Options, handler: &Handler, errors: &mut Errors) -> Option<Plan> {
+    let sig = &handler.item.sig;
+    if sig.asyncness.is_none() {
+        errors.spanned(
+            sig.fn_token.span,
+            "`#[idempotent]` handlers must be `async fn`: add `async` before `fn`",
+        );
+    }
+    let output = output_type(&sig.output, sig.paren_token.span.close(), errors);
+    check_strategy(options.strategy.as_ref(), errors);
+
+    if options.key.is_none() {
+        errors.spanned(
+            Span::call_site(),
+            "missing option `key`: say which business key makes two deliveries the same, e.g. \
+             `key = \"order_no\"` (a field of the last argument) or `key = (msg.tenant, msg.order_no)`",
+        );
+    }
+    if options.store.is_none() {
+        errors.spanned(
+            Span::call_site(),
+            "missing option `store`: give the store that records the keys, e.g. `store = store` \
+             (an argument of type `&MemoryStore`) or `store = &self.store`",
+        );
+    }
+    let key = options
+        .key
+        .and_then(|key| key_plan(key, handler, options.store.as_ref(), errors));
+    let fingerprint = match (options.fingerprint, &key) {
+        (Some(FingerprintValue::Expr(expr)), _) => FingerprintPlan::Expr(expr),
+        (Some(FingerprintValue::Switch(switch)), _) if !switch.value => FingerprintPlan::Off,
+        (_, Some(key)) => default_fingerprint(key, handler),
+        (_, None) => FingerprintPlan::Off,
+    };
+
+    Some(Plan {
+        krate: options
+            .krate
+            .unwrap_or_else(|| syn::parse_quote!(::idem_runtime)),
+        store: options.store?,
+        key: key?,
+        fingerprint,
+        scope: options.scope,
+        ttl: options.ttl,
+        lease: options.lease,
+        wait: options.wait,
+        heartbeat: options.heartbeat.is_some_and(|switch| switch.value),
+        output: output?,
+    })
+}
+
+fn output_type(output: &ReturnType, close: Span, errors: &mut Errors) -> Option<Type> {
+    const HINT: &str = "`T` is stored and replayed, and `E` must implement \
+                        `From<idem_runtime::Error>`";
+    let ty = match output {
+        ReturnType::Default => {
+            errors.spanned(
+                close,
+                format_args!("an `#[idempotent]` handler must return `Result<T, E>`: add `-> Result<T, E>`; {HINT}"),
+            );
+            return None;
+        }
+        ReturnType::Type(_, ty) => ty,
+    };
+    let mut inner = &**ty;
+    while let Type::Paren(syn::TypeParen { elem, .. }) | Type::Group(syn::TypeGroup { elem, .. }) =
+        inner
+    {
+        inner = elem;
+    }
+    if let Type::Path(_) = inner {
+        return Some((**ty).clone());
+    }
+    errors.spanned(
+        ty.span(),
+        format_args!(
+            "an `#[idempotent]` handler must return `Result<T, E>`, not this type; {HINT}"
+        ),
+    );
+    None
+}
+
+fn check_strategy(strategy: Option<&LitStr>, errors: &mut Errors) {
+    let Some(strategy) = strategy else { return };
+    let name = strategy.value();
+    if name == "claim" {
+        return;
+    }
+    if LATER_STRATEGIES.contains(&name.as_str()) {
+        errors.spanned(
+            strategy.span(),
+            format_args!("strategy `{name}` is not available in this version of idem; use `strategy = \"claim\"` (the default)"),
+        );
+    } else {
+        errors.spanned(
+            strategy.span(),
+            format_args!("unknown strategy `{name}`; the one strategy is `claim`: write `strategy = \"claim\"` or leave the option out"),
+        );
+    }
+}
+
+fn key_plan(
+    key: Key,
+    handler: &Handler,
+    store: Option<&Expr>,
+    errors: &mut Errors,
+) -> Option<KeyPlan> {
+    let lit = match key {
+        Key::Expr(expr) => return Some(KeyPlan::Expr(expr)),
+        Key::Field(lit) => lit,
+    };
+    let span = lit.span();
+    let text = lit.value();
+    if text.trim().is_empty() {
+        errors.spanned(
+            span,
+            "`key` is empty: name the field that holds the business key, e.g. `key = \"order_no\"`",
+        );
+        return None;
+    }
+    // The fields are shown at the string but marked as generated: for a misspelt field rustc
+    // then does not offer to replace the whole string by the field's name, which would turn
+    // `key = "order_np"` into the expression `key = order_no`.
+    let member_span = Span::mixed_site().located_at(span);
+    let mut segments = Vec::new();
+    for segment in text.split('.') {
+        if let Ok(index) = segment.parse::<u32>() {
+            segments.push(Member::Unnamed(Index {
+                index,
+                span: member_span,
+            }));
+        } else if let Ok(ident) = syn::parse_str::<Ident>(segment) {
+            segments.push(Member::Named(Ident::new(&ident.to_string(), member_span)));
+        } else {
+            errors.spanned(
+                span,
+                format_args!("`key = {text:?}` is not a field path: `{segment}` is not a field name; write fields separated by dots, e.g. `key = \"order.no\"`, or give an expression, e.g. `key = format!(…)`"),
+            );
+            return None;
+        }
+    }
+    // `"msg.order_no"` or `"order_no"` naming an argument: read from that argument.
+    if let Some(Member::Named(first)) = segments.first() {
+        let named_arg = handler.arg(&first.to_string()).cloned().or_else(|| {
+            (handler.has_receiver && first == "self").then(|| Ident::new("self", span))
+        });
+        if let Some(base) = named_arg {
+            let base = Ident::new(&base.to_string(), span);
+            return Some(KeyPlan::Field {
+                base,
+                members: segments.split_off(1),
+                span,
+            });
+        }
+    }
+    // Otherwise a field of the last argument: the message.
+    match handler.args.last() {
+        Some(arg) => match &arg.name {
+            Some(name) if is_named(store, name) => {
+                let message = handler
+                    .args
+                    .iter()
+                    .rev()
+                    .filter_map(|arg| arg.name.as_ref())
+                    .find(|other| !is_named(store, other));
+                let fix = match message {
+                    Some(message) => format!(
+                        "name the message argument, e.g. `key = \"{message}.{text}\"`, or put it last"
+                    ),
+                    None => "add the message argument, e.g. `msg: OrderPaid`, after the store"
+                        .to_owned(),
+                };
+                errors.spanned(
+                    span,
+                    format_args!("`key = {text:?}` reads a field of the last argument, but the last argument, `{name}`, is the store: {fix}"),
+                );
+                None
+            }
+            Some(name) => Some(KeyPlan::Field {
+                base: Ident::new(&name.to_string(), span),
+                members: segments,
+                span,
+            }),
+            None => {
+                errors.spanned(
+                    arg.span,
+                    format_args!("`key = {text:?}` reads a field of the last argument, which needs a plain name such as `msg: OrderPaid`; or give an expression, e.g. `key = order_no`"),
+                );
+                None
+            }
+        },
+        None => {
+            errors.spanned(
+                span,
+                format_args!("`key = {text:?}` names a field of the message argument, but this function takes no argument; add the message argument or give an expression"),
+            );
+            None
+        }
+    }
+}
+
+/// Whether the `store = …` option is the argument `name` (`store`, `&store`, `&*store`).
+fn is_named(store: Option<&Expr>, name: &Ident) -> bool {
+    match store {
+        Some(Expr::Path(path)) => path.qself.is_none() && path.path.is_ident(name),
+        Some(Expr::Reference(syn::ExprReference { expr, .. }))
+        | Some(Expr::Paren(syn::ExprParen { expr, .. }))
+        | Some(Expr::Unary(syn::ExprUnary {
+            op: syn::UnOp::Deref(_),
+            expr,
+            ..
+        })) => is_named(Some(expr), name),
+        _ => false,
+    }
+}
+
+/// By default the fingerprint covers the argument(s) the key is read from.
+fn default_fingerprint(key: &KeyPlan, handler: &Handler) -> FingerprintPlan {
+    match key {
+        KeyPlan::Field { base, span, .. } if base != "self" => {
+            FingerprintPlan::Args(vec![format_ident!("{}", base, span = *span)], *span)
+        }
+        KeyPlan::Field { .. } => FingerprintPlan::Off,
+        KeyPlan::Expr(expr) => {
+            let mut used = Vec::new();
+            mentioned(&quote::ToTokens::to_token_stream(expr), &mut used);
+            let args: Vec<Ident> = handler
+                .args
+                .iter()
+                .filter_map(|arg| arg.name.as_ref())
+                .filter(|name| used.iter().any(|ident| ident == *name))
+                .map(|name| Ident::new(&name.to_string(), expr.span()))
+                .collect();
+            if args.is_empty() {
+                FingerprintPlan::Off
+            } else {
+                FingerprintPlan::Args(args, expr.span())
+            }
+        }
+    }
+}
+
+/// The identifiers an expression mentions as variables (not as fields after a `.`).
+fn mentioned(tokens: &TokenStream, out: &mut Vec<Ident>) {
+    let mut after_dot = false;
+    for token in tokens.clone() {
+        let dot = matches!(&token, TokenTree::Punct(punct) if punct.as_char() == '.');
+        match token {
+            TokenTree::Ident(ident) if !after_dot => out.push(ident),
+            TokenTree::Group(group) => mentioned(&group.stream(), out),
+            _ => {}
+        }
+        after_dot = dot;
+    }
+}

@@ -1,0 +1,125 @@
+//! The one error type of idem.
+
+use std::time::Duration;
+
+/// A boxed error from a store's driver or from a decoder.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in an idempotent call.
+///
+/// A handler's own error type must implement `From<idem_runtime::Error>`: the generated
+/// wrapper returns these errors through it. Match on the variants to decide what to do with a
+/// message: [`Error::InProgress`] means "do not ack, redeliver later"; the others are final for
+/// this delivery.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another call holds the key and has not finished. Do not acknowledge the message:
+    /// retry after `retry_after` (or let the broker redeliver it).
+    #[error("key `{key}` of `{scope}` is being handled by another call; retry in {retry_after:?}")]
+    InProgress {
+        /// The handler scope.
+        scope: String,
+        /// The business key (hashed if it was long).
+        key: String,
+        /// How long the current holder's lease still runs.
+        retry_after: Duration,
+    },
+
+    /// The key was already used with a different payload: this is not a duplicate but a
+    /// reused key, and replaying the stored result would be wrong.
+    #[error("key `{key}` of `{scope}` was already used with a different payload")]
+    FingerprintMismatch {
+        /// The handler scope.
+        scope: String,
+        /// The business key (hashed if it was long).
+        key: String,
+    },
+
+    /// The business key is empty or only whitespace.
+    #[error("the idempotency key for `{scope}` is empty")]
+    EmptyKey {
+        /// The handler scope.
+        scope: String,
+    },
+
+    /// The scope is empty.
+    #[error("the idempotency scope is empty")]
+    EmptyScope,
+
+    /// A table or key-prefix name given to a store is not a plain identifier. Names are
+    /// checked when the store is built and never pasted into a statement unchecked.
+    #[error("invalid {what} `{name}`: {reason}")]
+    InvalidName {
+        /// What the name is for, such as "table name".
+        what: &'static str,
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// This call's claim was taken over (its lease expired and another call claimed the key) or
+    /// the record was purged. Nothing was changed: the other holder's result stands.
+    #[error("lease on key `{key}` of `{scope}` was lost (fence {fence}); nothing was recorded")]
+    LeaseLost {
+        /// The handler scope.
+        scope: String,
+        /// The business key (hashed if it was long).
+        key: String,
+        /// The fencing number this call held.
+        fence: u64,
+    },
+
+    /// The store could not be reached or failed. The handler body did not run if this happened
+    /// while claiming.
+    #[error("idempotency store error: {0}")]
+    Store(#[from] StoreError),
+
+    /// A stored record (its result or one of its fields) can no longer be decoded, for example
+    /// because the handler's result type changed or the row was edited by hand.
+    #[error("stored record for key `{key}` of `{scope}` does not decode: {source}")]
+    Decode {
+        /// The handler scope.
+        scope: String,
+        /// The business key (hashed if it was long).
+        key: String,
+        /// Why it does not decode.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A value could not be serialized (the result to store, or the payload to fingerprint).
+    #[error("could not serialize the {what}: {source}")]
+    Encode {
+        /// What was being serialized.
+        what: &'static str,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A failure of the store itself: connection, query or driver error.
+#[derive(Debug, thiserror::Error)]
+#[error("{backend}: {source}")]
+pub struct StoreError {
+    backend: &'static str,
+    #[source]
+    source: BoxError,
+}
+
+impl StoreError {
+    /// Wraps a driver error of the store named `backend`.
+    pub fn new(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Self {
+            backend,
+            source: source.into(),
+        }
+    }
+
+    /// The name of the store that failed, such as `"sqlite"`.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+}

@@ -1,0 +1,303 @@
+//! Running one call through the claim/complete protocol.
+
+use std::future::Future;
+use std::pin::pin;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
+
+use crate::store::{Claim, Lease, Store};
+use crate::{Error, Fingerprint, RecordKey};
+
+/// How one idempotent handler treats its records and duplicates.
+///
+/// The defaults: completed results are kept for 24 hours, a claim's lease runs for 30 seconds,
+/// a duplicate that finds the key in progress fails at once with [`Error::InProgress`], and the
+/// lease is not extended while the body runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    ttl: Duration,
+    lease: Duration,
+    wait: Option<Duration>,
+    heartbeat: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Policy {
+    /// How long a completed result is kept by default: 24 hours.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+    /// How long an in-progress claim lives by default: 30 seconds.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+    /// The default policy.
+    pub const fn new() -> Self {
+        Self {
+            ttl: Self::DEFAULT_TTL,
+            lease: Self::DEFAULT_LEASE,
+            wait: None,
+            heartbeat: false,
+        }
+    }
+
+    /// Keeps completed results for `ttl`; a duplicate after that runs the body again.
+    pub const fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Lets an in-progress claim live for `lease`. Choose it longer than the body ever takes
+    /// (or turn on the heartbeat): when it runs out, a duplicate takes the key over and runs
+    /// the body again.
+    pub const fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// A duplicate that finds the key in progress waits up to `wait` for the first call's
+    /// result (polling the store) instead of failing at once with [`Error::InProgress`].
+    pub const fn with_wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    /// Extends the lease every third of its length while the body runs, so a slow but live
+    /// body is not taken over.
+    pub const fn with_heartbeat(mut self, heartbeat: bool) -> Self {
+        self.heartbeat = heartbeat;
+        self
+    }
+
+    /// How long completed results are kept.
+    pub const fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// How long a claim lives without a heartbeat.
+    pub const fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// How long a duplicate waits for an in-progress call, if at all.
+    pub const fn wait(&self) -> Option<Duration> {
+        self.wait
+    }
+
+    /// Whether the lease is extended while the body runs.
+    pub const fn heartbeat(&self) -> bool {
+        self.heartbeat
+    }
+}
+
+/// Runs `body` at most once per `key`: what `#[idempotent]` expands to.
+///
+/// * The key is claimed. If it was completed before, the stored result is decoded and
+///   returned, and `body` is not polled. If another call holds it, [`Error::InProgress`] is
+///   returned (or, with [`Policy::with_wait`], the call waits for that result). If it was used
+///   with another `fingerprint`, [`Error::FingerprintMismatch`] is returned.
+/// * Otherwise `body` runs. `Ok(value)` is serialized (JSON) and recorded before it is
+///   returned; if the record cannot be written (the lease was lost, the store failed) that
+///   error is returned instead, because the result was not recorded. `Err` releases the claim
+///   so the next delivery runs the body again.
+/// * If the returned future is dropped (cancelled) or `body` panics, the claim is left to
+///   expire with its lease: until then duplicates get [`Error::InProgress`].
+///
+/// Every call runs in a `tracing` span named `idempotent` with the fields `scope`, `key`,
+/// `fence` and `outcome` (`executed`, `replayed`, `in_progress`, `mismatch`, `failed`,
+/// `lease_lost` or `store_error`).
+///
+/// # Errors
+///
+/// The body's own errors, and [`Error`] converted with `E: From<Error>`.
+pub async fn run<S, T, E, F>(
+    store: &S,
+    key: RecordKey,
+    fingerprint: Option<Fingerprint>,
+    policy: Policy,
+    body: F,
+) -> Result<T, E>
+where
+    S: Store + ?Sized,
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    F: Future<Output = Result<T, E>>,
+{
+    let span = tracing::info_span!(
+        "idempotent",
+        scope = key.scope(),
+        key = key.key(),
+        fence = Empty,
+        outcome = Empty,
+    );
+    run_in_span(store, &key, fingerprint.as_ref(), policy, body)
+        .instrument(span)
+        .await
+}
+
+async fn run_in_span<S, T, E, F>(
+    store: &S,
+    key: &RecordKey,
+    fingerprint: Option<&Fingerprint>,
+    policy: Policy,
+    body: F,
+) -> Result<T, E>
+where
+    S: Store + ?Sized,
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    F: Future<Output = Result<T, E>>,
+{
+    let span = Span::current();
+    let lease = match acquire(store, key, fingerprint, policy).await {
+        Ok(Acquired::Lease(lease)) => lease,
+        Ok(Acquired::Replay(stored)) => {
+            span.record("outcome", "replayed");
+            tracing::debug!("replayed the stored result");
+            return decode(key, &stored).map_err(E::from);
+        }
+        Err(error) => {
+            span.record("outcome", outcome_of(&error));
+            tracing::debug!(%error, "body not run");
+            return Err(E::from(error));
+        }
+    };
+    span.record("fence", lease.fence());
+
+    let (output, lease) = if policy.heartbeat {
+        with_heartbeat(store, key, lease, policy.lease, body).await
+    } else {
+        (body.await, lease)
+    };
+
+    let value = match output {
+        Ok(value) => value,
+        Err(error) => {
+            span.record("outcome", "failed");
+            if let Err(release) = store.release(key, &lease).await {
+                tracing::warn!(error = %release, "could not release the claim; it will expire with its lease");
+            }
+            return Err(error);
+        }
+    };
+    let stored = match serde_json::to_vec(&value) {
+        Ok(stored) => stored,
+        Err(source) => {
+            span.record("outcome", "failed");
+            if let Err(release) = store.release(key, &lease).await {
+                tracing::warn!(error = %release, "could not release the claim; it will expire with its lease");
+            }
+            return Err(E::from(Error::Encode {
+                what: "handler's result",
+                source,
+            }));
+        }
+    };
+    match store.complete(key, &lease, &stored, policy.ttl).await {
+        Ok(()) => {
+            span.record("outcome", "executed");
+            Ok(value)
+        }
+        Err(error) => {
+            span.record("outcome", outcome_of(&error));
+            tracing::warn!(%error, "the body ran but its result was not recorded");
+            Err(E::from(error))
+        }
+    }
+}
+
+enum Acquired {
+    Lease(Lease),
+    Replay(Vec<u8>),
+}
+
+async fn acquire<S: Store + ?Sized>(
+    store: &S,
+    key: &RecordKey,
+    fingerprint: Option<&Fingerprint>,
+    policy: Policy,
+) -> Result<Acquired, Error> {
+    const FIRST_PAUSE: Duration = Duration::from_millis(5);
+    const LONGEST_PAUSE: Duration = Duration::from_millis(250);
+    let deadline = policy.wait.map(|wait| tokio::time::Instant::now() + wait);
+    let mut pause = FIRST_PAUSE;
+    loop {
+        match store.claim(key, fingerprint, policy.lease).await? {
+            Claim::Acquired(lease) => return Ok(Acquired::Lease(lease)),
+            Claim::Completed(stored) => return Ok(Acquired::Replay(stored)),
+            Claim::Mismatch => {
+                return Err(Error::FingerprintMismatch {
+                    scope: key.scope().to_owned(),
+                    key: key.key().to_owned(),
+                });
+            }
+            Claim::InProgress { retry_after } => {
+                let now = tokio::time::Instant::now();
+                let left = deadline.map_or(Duration::ZERO, |deadline| deadline - now);
+                if left.is_zero() {
+                    return Err(Error::InProgress {
+                        scope: key.scope().to_owned(),
+                        key: key.key().to_owned(),
+                        retry_after,
+                    });
+                }
+                let nap = pause.min(left).min(retry_after.max(FIRST_PAUSE));
+                tokio::time::sleep(nap).await;
+                pause = (pause * 2).min(LONGEST_PAUSE);
+            }
+        }
+    }
+}
+
+async fn with_heartbeat<S, F>(
+    store: &S,
+    key: &RecordKey,
+    lease: Lease,
+    duration: Duration,
+    body: F,
+) -> (F::Output, Lease)
+where
+    S: Store + ?Sized,
+    F: Future,
+{
+    let every = (duration / 3).max(Duration::from_millis(1));
+    let mut body = pin!(body);
+    let mut lease = lease;
+    loop {
+        tokio::select! {
+            biased;
+            output = &mut body => return (output, lease),
+            () = tokio::time::sleep(every) => match store.extend(key, &lease, duration).await {
+                Ok(extended) => lease = extended,
+                Err(error) => {
+                    tracing::warn!(%error, "could not extend the lease; the body goes on without it");
+                    break;
+                }
+            },
+        }
+    }
+    (body.await, lease)
+}
+
+fn decode<T: DeserializeOwned>(key: &RecordKey, stored: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(stored).map_err(|source| Error::Decode {
+        scope: key.scope().to_owned(),
+        key: key.key().to_owned(),
+        source: Box::new(source),
+    })
+}
+
+fn outcome_of(error: &Error) -> &'static str {
+    match error {
+        Error::InProgress { .. } => "in_progress",
+        Error::FingerprintMismatch { .. } => "mismatch",
+        Error::LeaseLost { .. } => "lease_lost",
+        _ => "store_error",
+    }
+}

@@ -1,0 +1,379 @@
+//! Business keys, their scopes, and payload fingerprints.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+
+/// Keys (and scopes) longer than this many bytes are stored as their SHA-256 hash.
+pub const MAX_KEY_BYTES: usize = 128;
+
+/// The prefix of a hashed key. A key that starts with it is hashed too, so a hashed key can
+/// never collide with a literal one.
+pub const HASHED_PREFIX: &str = "sha256:";
+
+/// The record key of one idempotent operation: the handler's scope and the business key.
+///
+/// Both parts are stored as given when they are short; a part longer than [`MAX_KEY_BYTES`],
+/// containing a NUL byte or starting with [`HASHED_PREFIX`] is replaced by
+/// `sha256:<64 hex digits>` of its bytes. Nothing is ever truncated or rejected for length.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    scope: String,
+    key: String,
+}
+
+impl RecordKey {
+    /// Builds the record key for `key` in `scope`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EmptyScope`] if `scope` is empty, [`Error::EmptyKey`] if `key` is empty or only
+    /// whitespace.
+    ///
+    /// ```
+    /// use idem_runtime::RecordKey;
+    ///
+    /// let key = RecordKey::new("orders::pay", "A-1001")?;
+    /// assert_eq!(key.key(), "A-1001");
+    ///
+    /// let long = "x".repeat(500);
+    /// let hashed = RecordKey::new("orders::pay", &long)?;
+    /// assert!(hashed.key().starts_with("sha256:"));
+    /// assert!(RecordKey::new("orders::pay", "  ").is_err());
+    /// # Ok::<(), idem_runtime::Error>(())
+    /// ```
+    pub fn new(scope: &str, key: &str) -> Result<Self, Error> {
+        if scope.is_empty() {
+            return Err(Error::EmptyScope);
+        }
+        if key.trim().is_empty() {
+            return Err(Error::EmptyKey {
+                scope: scope.to_owned(),
+            });
+        }
+        Ok(Self {
+            scope: storable(scope).into_owned(),
+            key: storable(key).into_owned(),
+        })
+    }
+
+    /// Builds the record key from any [`IdempotencyKey`] value (strings, integers, uuids,
+    /// tuples of those).
+    ///
+    /// # Errors
+    ///
+    /// As [`RecordKey::new`].
+    pub fn from_value<K: IdempotencyKey + ?Sized>(scope: &str, key: &K) -> Result<Self, Error> {
+        let mut text = String::new();
+        key.write_key(&mut text);
+        Self::new(scope, &text)
+    }
+
+    /// The scope (hashed if it was long).
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// The business key (hashed if it was long).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl fmt::Display for RecordKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.scope, self.key)
+    }
+}
+
+fn storable(part: &str) -> Cow<'_, str> {
+    if part.len() <= MAX_KEY_BYTES && !part.contains('\0') && !part.starts_with(HASHED_PREFIX) {
+        return Cow::Borrowed(part);
+    }
+    let digest = Sha256::digest(part.as_bytes());
+    let mut hashed = String::with_capacity(HASHED_PREFIX.len() + 64);
+    hashed.push_str(HASHED_PREFIX);
+    for byte in digest {
+        // Writing to a String cannot fail.
+        let _ = write!(hashed, "{byte:02x}");
+    }
+    Cow::Owned(hashed)
+}
+
+/// A value that can serve as a business key.
+///
+/// Implemented for strings, integers, `char`, [`uuid::Uuid`], references to those and tuples
+/// of up to six keys (composite keys). Tuple parts are joined with `:` and a `:` or `\` inside
+/// a part is escaped, so `("a:b", "c")` and `("a", "b:c")` stay distinct.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be used as an idempotency key",
+    label = "this key expression has type `{Self}`",
+    note = "keys are strings, integers, `char`, `uuid::Uuid` or tuples of those (composite keys); \
+            convert with `.to_string()` or implement `idem_runtime::IdempotencyKey`"
+)]
+pub trait IdempotencyKey {
+    /// Appends this key's text form to `out`.
+    fn write_key(&self, out: &mut String);
+}
+
+impl IdempotencyKey for str {
+    fn write_key(&self, out: &mut String) {
+        out.push_str(self);
+    }
+}
+
+impl IdempotencyKey for String {
+    fn write_key(&self, out: &mut String) {
+        out.push_str(self);
+    }
+}
+
+impl IdempotencyKey for Cow<'_, str> {
+    fn write_key(&self, out: &mut String) {
+        out.push_str(self);
+    }
+}
+
+impl<K: IdempotencyKey + ?Sized> IdempotencyKey for &K {
+    fn write_key(&self, out: &mut String) {
+        (**self).write_key(out);
+    }
+}
+
+impl<K: IdempotencyKey + ?Sized> IdempotencyKey for Box<K> {
+    fn write_key(&self, out: &mut String) {
+        (**self).write_key(out);
+    }
+}
+
+impl<K: IdempotencyKey + ?Sized> IdempotencyKey for std::sync::Arc<K> {
+    fn write_key(&self, out: &mut String) {
+        (**self).write_key(out);
+    }
+}
+
+macro_rules! display_keys {
+    ($($ty:ty),*) => {$(
+        impl IdempotencyKey for $ty {
+            fn write_key(&self, out: &mut String) {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "{self}");
+            }
+        }
+    )*};
+}
+
+display_keys!(
+    u8,
+    u16,
+    u32,
+    u64,
+    u128,
+    usize,
+    i8,
+    i16,
+    i32,
+    i64,
+    i128,
+    isize,
+    char,
+    uuid::Uuid
+);
+
+fn write_part<K: IdempotencyKey + ?Sized>(part: &K, first: bool, out: &mut String) {
+    if !first {
+        out.push(':');
+    }
+    let mut text = String::new();
+    part.write_key(&mut text);
+    for c in text.chars() {
+        if c == ':' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+}
+
+macro_rules! tuple_keys {
+    ($(($first:ident $(, $rest:ident)*)),*) => {$(
+        impl<$first: IdempotencyKey $(, $rest: IdempotencyKey)*> IdempotencyKey for ($first, $($rest,)*) {
+            #[allow(non_snake_case)]
+            fn write_key(&self, out: &mut String) {
+                let ($first, $($rest,)*) = self;
+                write_part($first, true, out);
+                $(write_part($rest, false, out);)*
+            }
+        }
+    )*};
+}
+
+tuple_keys!(
+    (A),
+    (A, B),
+    (A, B, C),
+    (A, B, C, D),
+    (A, B, C, D, E),
+    (A, B, C, D, E, F)
+);
+
+/// A SHA-256 digest of a payload, stored with a claim to tell a duplicate (same key, same
+/// payload) from a reused key (same key, another payload).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// Fingerprints any serializable value.
+    ///
+    /// The value is hashed in a canonical form: map entries are sorted by key, so a
+    /// `HashMap` in a message gives the same fingerprint in every process.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Encode`] if the value cannot be serialized.
+    pub fn of<T: Serialize + ?Sized>(value: &T) -> Result<Self, Error> {
+        let value = serde_json::to_value(value).map_err(|source| Error::Encode {
+            what: "payload for its fingerprint",
+            source,
+        })?;
+        let mut hasher = Sha256::new();
+        hash_canonical(&value, &mut hasher);
+        Ok(Self(hasher.finalize().into()))
+    }
+
+    /// A fingerprint from its 32 stored bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The 32 bytes of the digest.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Fingerprint(")?;
+        for byte in &self.0[..8] {
+            write!(f, "{byte:02x}")?;
+        }
+        f.write_str("…)")
+    }
+}
+
+/// Feeds `value` to the hasher with a type tag and a length before every variable-length part,
+/// so that distinct values can never produce the same byte stream.
+fn hash_canonical(value: &serde_json::Value, hasher: &mut Sha256) {
+    use serde_json::Value;
+    fn bytes(hasher: &mut Sha256, data: &[u8]) {
+        hasher.update((data.len() as u64).to_le_bytes());
+        hasher.update(data);
+    }
+    match value {
+        Value::Null => hasher.update(b"n"),
+        Value::Bool(b) => hasher.update(if *b { b"t" } else { b"f" }),
+        Value::Number(n) => {
+            hasher.update(b"#");
+            bytes(hasher, n.to_string().as_bytes());
+        }
+        Value::String(s) => {
+            hasher.update(b"s");
+            bytes(hasher, s.as_bytes());
+        }
+        Value::Array(items) => {
+            hasher.update(b"[");
+            hasher.update((items.len() as u64).to_le_bytes());
+            for item in items {
+                hash_canonical(item, hasher);
+            }
+        }
+        Value::Object(map) => {
+            hasher.update(b"{");
+            hasher.update((map.len() as u64).to_le_bytes());
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (key, item) in entries {
+                bytes(hasher, key.as_bytes());
+                hash_canonical(item, hasher);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn text<K: IdempotencyKey>(key: K) -> String {
+        let mut out = String::new();
+        key.write_key(&mut out);
+        out
+    }
+
+    #[test]
+    fn composite_keys_escape_their_separator() {
+        assert_eq!(text(("a", 1_u32)), "a:1");
+        assert_ne!(text(("a:b", "c")), text(("a", "b:c")));
+        assert_ne!(text(("a\\", ":c")), text(("a\\:", "c")));
+    }
+
+    #[test]
+    fn long_unicode_and_prefixed_keys_are_hashed_not_truncated() {
+        let long = "é".repeat(100); // 200 bytes
+        let a = RecordKey::new("s", &long).unwrap();
+        let b = RecordKey::new("s", &format!("{long}x")).unwrap();
+        assert!(a.key().starts_with(HASHED_PREFIX));
+        assert_eq!(a.key().len(), HASHED_PREFIX.len() + 64);
+        assert_ne!(a, b);
+        let short = "é".repeat(64); // 128 bytes: kept
+        assert_eq!(RecordKey::new("s", &short).unwrap().key(), short);
+        let literal = RecordKey::new("s", a.key()).unwrap();
+        assert_ne!(literal.key(), a.key());
+        assert!(
+            RecordKey::new("s", "a\0b")
+                .unwrap()
+                .key()
+                .starts_with(HASHED_PREFIX)
+        );
+    }
+
+    #[test]
+    fn empty_and_blank_keys_are_rejected() {
+        assert!(matches!(
+            RecordKey::new("s", ""),
+            Err(Error::EmptyKey { .. })
+        ));
+        assert!(matches!(
+            RecordKey::new("s", " \t\n"),
+            Err(Error::EmptyKey { .. })
+        ));
+        assert!(matches!(RecordKey::new("", "k"), Err(Error::EmptyScope)));
+    }
+
+    #[test]
+    fn fingerprints_are_canonical_and_tell_payloads_apart() {
+        let mut a = HashMap::new();
+        let mut b = HashMap::new();
+        for i in 0..64 {
+            a.insert(format!("k{i}"), i);
+        }
+        for i in (0..64).rev() {
+            b.insert(format!("k{i}"), i);
+        }
+        assert_eq!(Fingerprint::of(&a).unwrap(), Fingerprint::of(&b).unwrap());
+        assert_ne!(
+            Fingerprint::of(&("ab", "c")).unwrap(),
+            Fingerprint::of(&("a", "bc")).unwrap()
+        );
+        assert_ne!(
+            Fingerprint::of(&None::<u8>).unwrap(),
+            Fingerprint::of(&0).unwrap()
+        );
+    }
+}

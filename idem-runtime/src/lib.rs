@@ -1,0 +1,94 @@
+//! Idempotent message and HTTP handlers with one attribute.
+//!
+//! Queues and HTTP clients deliver *at least once*. Put `#[idempotent]` on an `async fn`
+//! handler and its effect happens once per business key, whatever arrives twice,
+//! concurrently, or after a crash:
+//!
+//! ```
+//! use idem_runtime::{idempotent, MemoryStore};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize)]
+//! struct OrderPaid { order_no: String, amount: u64 }
+//!
+//! #[derive(Serialize, Deserialize, Debug, PartialEq)]
+//! struct Receipt { points: u64 }
+//!
+//! #[derive(Debug)]
+//! enum AppError { Idem(idem_runtime::Error) }
+//! impl From<idem_runtime::Error> for AppError {
+//!     fn from(e: idem_runtime::Error) -> Self { AppError::Idem(e) }
+//! }
+//!
+//! #[idempotent(key = "order_no", store = store)]
+//! async fn on_order_paid(store: &MemoryStore, msg: OrderPaid) -> Result<Receipt, AppError> {
+//!     // Credit the points: runs once per order_no.
+//!     Ok(Receipt { points: msg.amount / 10 })
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let store = MemoryStore::new();
+//! let paid = || OrderPaid { order_no: "A-1001".into(), amount: 250 };
+//! let first = on_order_paid(&store, paid()).await.unwrap();
+//! let again = on_order_paid(&store, paid()).await.unwrap(); // replayed, body not run
+//! assert_eq!(first, again);
+//! # }
+//! ```
+//!
+//! # What `#[idempotent]` expands to
+//!
+//! The function keeps its signature; its body becomes the `body` future of [`run`]:
+//!
+//! ```text
+//! async fn on_order_paid(store: &MemoryStore, msg: OrderPaid) -> Result<Receipt, AppError> {
+//!     let store = &(store);                                     // `store = …`
+//!     let key = record_key("my_crate::on_order_paid", &(msg.order_no)); // `scope`, `key = …`
+//!     let fingerprint = fingerprint(&(msg));                    // `fingerprint = …`
+//!     let body = async { /* the original body */ };
+//!     run(store, key, fingerprint, Policy::new() /* ttl, lease, wait, heartbeat */, body).await
+//! }
+//! ```
+//!
+//! See [`idempotent`] for the options and [`run`] for what happens at run time.
+//!
+//! # Stores
+//!
+//! | store | feature | survives a restart | shared between processes |
+//! |---|---|---|---|
+//! | [`MemoryStore`] | always | no | no |
+//! | [`sqlite::SqliteStore`] | `sqlite` | yes (file database) | processes on one host |
+//!
+//! Implement [`Store`] for another backend; the conformance suite in
+//! `idem_runtime::testing` (feature `testing`) checks it.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod clock;
+mod error;
+mod handler;
+mod key;
+mod memory;
+mod name;
+mod store;
+mod sweeper;
+
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+pub use error::{BoxError, Error, StoreError};
+pub use handler::{Policy, run};
+pub use key::{Fingerprint, HASHED_PREFIX, IdempotencyKey, MAX_KEY_BYTES, RecordKey};
+pub use memory::MemoryStore;
+pub use store::{Claim, Lease, Store};
+pub use sweeper::Sweeper;
+
+#[doc(inline)]
+pub use idem_macros::idempotent;

@@ -1,0 +1,692 @@
+//! The guarantees of `#[idempotent]` handlers, on every store of this crate.
+//!
+//! Every case is a generic function over the store, run once per store by `on_every_store!`.
+//! Lease expiry is driven by a `ManualClock`, so no case sleeps to let a lease run out.
+
+#![deny(unused_qualifications, clippy::all)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_runtime::clock::ManualClock;
+use idem_runtime::{Error, Store, idempotent};
+use idem_tests::{AppError, OrderPaid, Receipt, Runs, credit_points};
+use tokio::sync::{Notify, oneshot};
+
+const START: i64 = 1_700_000_000_000;
+
+/// Awaits a call that must not block (a duplicate that should be refused or replayed): if the
+/// store wrongly lets it run its never-finishing body, the test fails instead of hanging.
+async fn within<F: Future>(call: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call blocked: a duplicate ran a body that was meant never to run")
+}
+
+/// 64 deliveries of one message at once: the body runs exactly once, every caller gets the
+/// result or `InProgress`, and every later delivery replays the same result.
+async fn concurrent_duplicates_run_the_body_once<S: Store + 'static>(
+    store: S,
+    _clock: ManualClock,
+) {
+    let store = Arc::new(store);
+    let runs = Arc::new(Runs::default());
+    let start = Arc::new(tokio::sync::Barrier::new(64));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (store, runs, start) = (store.clone(), runs.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            credit_points(&*store, &runs, OrderPaid::new("A-1", 990)).await
+        }));
+    }
+    let (mut executed, mut in_progress) = (Vec::new(), 0);
+    for task in tasks {
+        match task.await.expect("handler task panicked") {
+            Ok(receipt) => executed.push(receipt),
+            Err(AppError::Idem(Error::InProgress { .. })) => in_progress += 1,
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert_eq!(runs.count(), 1, "the body must run exactly once");
+    assert_eq!(executed.len() + in_progress, 64);
+    let first = Receipt {
+        order_no: "A-1".into(),
+        points: 99,
+        run: 1,
+    };
+    assert!(
+        executed.iter().all(|receipt| *receipt == first),
+        "{executed:?}"
+    );
+    for _ in 0..8 {
+        let again = credit_points(&*store, &runs, OrderPaid::new("A-1", 990)).await;
+        assert_eq!(again.expect("replay"), first);
+    }
+    assert_eq!(runs.count(), 1, "replays must not run the body");
+}
+
+/// A duplicate that arrives after completion gets the stored result without the body running.
+async fn completed_key_replays<S: Store>(store: S, _clock: ManualClock) {
+    let runs = Runs::default();
+    let first = credit_points(&store, &runs, OrderPaid::new("B-1", 100))
+        .await
+        .expect("first");
+    let second = credit_points(&store, &runs, OrderPaid::new("B-1", 100))
+        .await
+        .expect("second");
+    let other = credit_points(&store, &runs, OrderPaid::new("B-2", 100))
+        .await
+        .expect("other");
+    assert_eq!(first, second);
+    assert_eq!(other.run, 2);
+    assert_eq!(runs.count(), 2);
+}
+
+/// The same key with another payload is a reused key, not a duplicate: fingerprint error, body
+/// not run, and the original result still replays.
+async fn reused_key_with_another_payload_is_rejected<S: Store>(store: S, _clock: ManualClock) {
+    let runs = Runs::default();
+    let first = credit_points(&store, &runs, OrderPaid::new("C-1", 100))
+        .await
+        .expect("first");
+    let reused = credit_points(&store, &runs, OrderPaid::new("C-1", 999)).await;
+    assert!(
+        matches!(
+            reused,
+            Err(AppError::Idem(Error::FingerprintMismatch { .. }))
+        ),
+        "{reused:?}"
+    );
+    assert_eq!(runs.count(), 1);
+    let again = credit_points(&store, &runs, OrderPaid::new("C-1", 100))
+        .await
+        .expect("replay");
+    assert_eq!(again, first);
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.flaky")]
+async fn flaky<S: Store>(
+    store: &S,
+    runs: &Runs,
+    fail_first: bool,
+    msg: OrderPaid,
+) -> Result<u64, AppError> {
+    let run = runs.record();
+    if fail_first && run == 1 {
+        return Err(AppError::Business("gateway timeout".into()));
+    }
+    Ok(msg.amount)
+}
+
+/// A body that fails releases its claim: the next delivery runs the body again at once.
+async fn failed_body_is_retried<S: Store>(store: S, _clock: ManualClock) {
+    let runs = Runs::default();
+    let failed = flaky(&store, &runs, true, OrderPaid::new("D-1", 5)).await;
+    assert!(matches!(failed, Err(AppError::Business(_))), "{failed:?}");
+    let retried = flaky(&store, &runs, true, OrderPaid::new("D-1", 5)).await;
+    assert_eq!(retried.expect("retry"), 5);
+    assert_eq!(runs.count(), 2);
+    let replayed = flaky(&store, &runs, true, OrderPaid::new("D-1", 5)).await;
+    assert_eq!(replayed.expect("replay"), 5);
+    assert_eq!(runs.count(), 2);
+}
+
+/// Holds the key until told to finish.
+#[idempotent(key = "order_no", store = store, scope = "tests.slow", lease = "30s")]
+async fn slow<S: Store>(
+    store: &S,
+    runs: &Runs,
+    started: &Notify,
+    finish: oneshot::Receiver<()>,
+    msg: OrderPaid,
+) -> Result<Receipt, AppError> {
+    let run = runs.record();
+    started.notify_one();
+    let _ = finish.await;
+    Ok(Receipt {
+        order_no: msg.order_no,
+        points: 0,
+        run,
+    })
+}
+
+/// A holder that outlives its lease is taken over; its late completion is refused
+/// (`LeaseLost`) and does not overwrite the new holder's result.
+async fn expired_lease_is_taken_over_and_stale_holder_fenced<S: Store + 'static>(
+    store: S,
+    clock: ManualClock,
+) {
+    let store = Arc::new(store);
+    let runs = Arc::new(Runs::default());
+    let started = Arc::new(Notify::new());
+    let (finish_first, first_finish) = oneshot::channel();
+    let first = {
+        let (store, runs, started) = (store.clone(), runs.clone(), started.clone());
+        tokio::spawn(async move {
+            slow(
+                &*store,
+                &runs,
+                &started,
+                first_finish,
+                OrderPaid::new("E-1", 1),
+            )
+            .await
+        })
+    };
+    started.notified().await;
+
+    // While the lease runs, a duplicate is told to retry later.
+    let (_keep, never) = oneshot::channel();
+    let early = within(slow(
+        &*store,
+        &runs,
+        &Notify::new(),
+        never,
+        OrderPaid::new("E-1", 1),
+    ))
+    .await;
+    match early {
+        Err(AppError::Idem(Error::InProgress { retry_after, .. })) => {
+            assert!(retry_after <= Duration::from_secs(30) && retry_after > Duration::ZERO);
+        }
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+
+    // After the lease, a duplicate takes over and completes.
+    clock.advance(Duration::from_secs(31));
+    let (finish_second, second_finish) = oneshot::channel();
+    finish_second.send(()).expect("send");
+    let second = slow(
+        &*store,
+        &runs,
+        &Notify::new(),
+        second_finish,
+        OrderPaid::new("E-1", 1),
+    )
+    .await
+    .expect("takeover");
+    assert_eq!(second.run, 2);
+
+    // The stale holder finishes late: its result is refused.
+    finish_first.send(()).expect("send");
+    let stale = within(first).await.expect("task");
+    assert!(
+        matches!(
+            stale,
+            Err(AppError::Idem(Error::LeaseLost { fence: 1, .. }))
+        ),
+        "{stale:?}"
+    );
+    let (_keep, never) = oneshot::channel();
+    let replay = within(slow(
+        &*store,
+        &runs,
+        &Notify::new(),
+        never,
+        OrderPaid::new("E-1", 1),
+    ))
+    .await;
+    assert_eq!(
+        replay.expect("replay"),
+        second,
+        "the new holder's result stands"
+    );
+    assert_eq!(runs.count(), 2);
+}
+
+/// A cancelled (dropped) call leaves its claim to expire: duplicates get `InProgress` until the
+/// lease runs out, then the body runs again.
+async fn cancelled_call_leaves_claim_to_expire<S: Store + 'static>(store: S, clock: ManualClock) {
+    let store = Arc::new(store);
+    let runs = Arc::new(Runs::default());
+    let started = Arc::new(Notify::new());
+    let (_never_finish, finish) = oneshot::channel();
+    let call = {
+        let (store, runs, started) = (store.clone(), runs.clone(), started.clone());
+        tokio::spawn(async move {
+            slow(&*store, &runs, &started, finish, OrderPaid::new("F-1", 1)).await
+        })
+    };
+    started.notified().await;
+    call.abort();
+    assert!(call.await.expect_err("aborted").is_cancelled());
+
+    let (done, finish) = oneshot::channel();
+    done.send(()).expect("send");
+    let early = slow(
+        &*store,
+        &runs,
+        &Notify::new(),
+        finish,
+        OrderPaid::new("F-1", 1),
+    )
+    .await;
+    assert!(
+        matches!(early, Err(AppError::Idem(Error::InProgress { .. }))),
+        "{early:?}"
+    );
+
+    clock.advance(Duration::from_secs(30));
+    let (done, finish) = oneshot::channel();
+    done.send(()).expect("send");
+    let after = slow(
+        &*store,
+        &runs,
+        &Notify::new(),
+        finish,
+        OrderPaid::new("F-1", 1),
+    )
+    .await;
+    assert_eq!(after.expect("runs after the lease").run, 2);
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.panics")]
+async fn panics_once<S: Store>(store: &S, runs: &Runs, msg: OrderPaid) -> Result<u64, AppError> {
+    if runs.record() == 1 {
+        panic!("handler bug");
+    }
+    Ok(msg.amount)
+}
+
+/// A body that panics leaves its claim to expire, like a crash.
+async fn panicking_body_leaves_claim_to_expire<S: Store + 'static>(store: S, clock: ManualClock) {
+    let store = Arc::new(store);
+    let runs = Arc::new(Runs::default());
+    let call = {
+        let (store, runs) = (store.clone(), runs.clone());
+        tokio::spawn(async move { panics_once(&*store, &runs, OrderPaid::new("G-1", 7)).await })
+    };
+    assert!(call.await.expect_err("panicked").is_panic());
+    let early = panics_once(&*store, &runs, OrderPaid::new("G-1", 7)).await;
+    assert!(
+        matches!(early, Err(AppError::Idem(Error::InProgress { .. }))),
+        "{early:?}"
+    );
+    clock.advance(idem_runtime::Policy::DEFAULT_LEASE);
+    assert_eq!(
+        panics_once(&*store, &runs, OrderPaid::new("G-1", 7))
+            .await
+            .expect("rerun"),
+        7
+    );
+    assert_eq!(runs.count(), 2);
+}
+
+macro_rules! falsy_handler {
+    ($name:ident, $ty:ty, $value:expr) => {
+        #[idempotent(key = key, store = store)]
+        async fn $name<S: Store>(store: &S, runs: &Runs, key: &str) -> Result<$ty, AppError> {
+            runs.record();
+            Ok($value)
+        }
+    };
+}
+
+falsy_handler!(unit, (), ());
+falsy_handler!(zero, i64, 0);
+falsy_handler!(no, bool, false);
+falsy_handler!(none, Option<u32>, None);
+falsy_handler!(empty_vec, Vec<String>, Vec::new());
+falsy_handler!(empty_string, String, String::new());
+falsy_handler!(empty_map, HashMap<String, u8>, HashMap::new());
+falsy_handler!(empty_tree, BTreeMap<u8, u8>, BTreeMap::new());
+
+/// Results that look like "nothing" replay exactly and do not make the body run again.
+async fn falsy_results_replay_exactly<S: Store>(store: S, _clock: ManualClock) {
+    let runs = Runs::default();
+    for _ in 0..2 {
+        unit(&store, &runs, "k").await.expect("unit");
+        assert_eq!(zero(&store, &runs, "k").await.expect("zero"), 0);
+        assert!(!no(&store, &runs, "k").await.expect("false"));
+        assert_eq!(none(&store, &runs, "k").await.expect("none"), None);
+        assert!(empty_vec(&store, &runs, "k").await.expect("vec").is_empty());
+        assert_eq!(empty_string(&store, &runs, "k").await.expect("string"), "");
+        assert!(empty_map(&store, &runs, "k").await.expect("map").is_empty());
+        assert!(
+            empty_tree(&store, &runs, "k")
+                .await
+                .expect("tree")
+                .is_empty()
+        );
+    }
+    assert_eq!(
+        runs.count(),
+        8,
+        "each body ran once; the second round replayed"
+    );
+}
+
+/// An empty or blank key is an error before anything runs or is written.
+async fn empty_key_is_rejected<S: Store>(store: S, _clock: ManualClock) {
+    let runs = Runs::default();
+    for key in ["", "   "] {
+        let result = credit_points(&store, &runs, OrderPaid::new(key, 1)).await;
+        assert!(
+            matches!(result, Err(AppError::Idem(Error::EmptyKey { .. }))),
+            "{result:?}"
+        );
+    }
+    assert_eq!(runs.count(), 0);
+    assert_eq!(store.purge_expired(100).await.expect("purge"), 0);
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.credit_points")]
+async fn credit_points_as_text<S: Store>(store: &S, msg: OrderPaid) -> Result<String, AppError> {
+    Ok(msg.order_no)
+}
+
+/// A stored result that no longer decodes as the handler's type is a clear error.
+async fn stored_result_of_another_type_is_a_decode_error<S: Store>(store: S, _clock: ManualClock) {
+    let runs = Runs::default();
+    credit_points(&store, &runs, OrderPaid::new("H-1", 10))
+        .await
+        .expect("first");
+    let changed = credit_points_as_text(&store, OrderPaid::new("H-1", 10)).await;
+    assert!(
+        matches!(changed, Err(AppError::Idem(Error::Decode { .. }))),
+        "{changed:?}"
+    );
+}
+
+/// A message of a multi-tenant system: the business key is the pair.
+#[derive(Clone, Debug, serde::Serialize)]
+struct Tenanted {
+    tenant: String,
+    order_no: u64,
+}
+
+#[idempotent(key = (msg.tenant.as_str(), msg.order_no), store = store, scope = "tests.tenanted")]
+async fn tenanted<S: Store>(store: &S, runs: &Runs, msg: Tenanted) -> Result<usize, AppError> {
+    Ok(runs.record())
+}
+
+/// A composite key separates tenants: the same order number in two tenants runs twice.
+async fn composite_keys_keep_tenants_apart<S: Store>(store: S, _clock: ManualClock) {
+    let runs = Runs::default();
+    let msg = |tenant: &str| Tenanted {
+        tenant: tenant.into(),
+        order_no: 7,
+    };
+    assert_eq!(tenanted(&store, &runs, msg("acme")).await.expect("acme"), 1);
+    assert_eq!(
+        tenanted(&store, &runs, msg("globex"))
+            .await
+            .expect("globex"),
+        2
+    );
+    assert_eq!(
+        tenanted(&store, &runs, msg("acme")).await.expect("replay"),
+        1
+    );
+    assert_eq!(runs.count(), 2);
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.slow", wait = "10s")]
+async fn slow_or_wait<S: Store>(
+    store: &S,
+    runs: &Runs,
+    started: &Notify,
+    finish: oneshot::Receiver<()>,
+    msg: OrderPaid,
+) -> Result<Receipt, AppError> {
+    let run = runs.record();
+    started.notify_one();
+    let _ = finish.await;
+    Ok(Receipt {
+        order_no: msg.order_no,
+        points: 0,
+        run,
+    })
+}
+
+/// With `wait`, a duplicate that finds the key in progress waits for the first call and
+/// returns its result instead of failing.
+async fn waiting_duplicate_gets_the_first_result<S: Store + 'static>(
+    store: S,
+    _clock: ManualClock,
+) {
+    let store = Arc::new(store);
+    let runs = Arc::new(Runs::default());
+    let started = Arc::new(Notify::new());
+    let (finish_first, first_finish) = oneshot::channel();
+    let first = {
+        let (store, runs, started) = (store.clone(), runs.clone(), started.clone());
+        tokio::spawn(async move {
+            slow_or_wait(
+                &*store,
+                &runs,
+                &started,
+                first_finish,
+                OrderPaid::new("W-1", 1),
+            )
+            .await
+        })
+    };
+    started.notified().await;
+    let waiter = {
+        let (store, runs) = (store.clone(), runs.clone());
+        let (_keep, never) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _keep = _keep;
+            slow_or_wait(
+                &*store,
+                &runs,
+                &Notify::new(),
+                never,
+                OrderPaid::new("W-1", 1),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    finish_first.send(()).expect("send");
+    let first = first.await.expect("task").expect("first");
+    let waited = within(waiter).await.expect("task").expect("waited");
+    assert_eq!(first, waited);
+    assert_eq!(runs.count(), 1);
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.long", lease = "1s", heartbeat = true)]
+async fn long_with_heartbeat<S: Store>(
+    store: &S,
+    runs: &Runs,
+    msg: OrderPaid,
+) -> Result<usize, AppError> {
+    let run = runs.record();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let _ = msg;
+    Ok(run)
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.long", lease = "1s")]
+async fn long_without_heartbeat<S: Store>(
+    store: &S,
+    runs: &Runs,
+    msg: OrderPaid,
+) -> Result<usize, AppError> {
+    let run = runs.record();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let _ = msg;
+    Ok(run)
+}
+
+/// A body that outlives its lease keeps the key with `heartbeat = true`; without it, a
+/// duplicate takes over (real clock, 1 s lease, 2.5 s body).
+async fn heartbeat_keeps_a_long_body_from_being_taken_over<S: Store + 'static>(store: S) {
+    let store = Arc::new(store);
+    let runs = Arc::new(Runs::default());
+    let held = {
+        let (store, runs) = (store.clone(), runs.clone());
+        tokio::spawn(
+            async move { long_with_heartbeat(&*store, &runs, OrderPaid::new("L-1", 1)).await },
+        )
+    };
+    let dropped = {
+        let (store, runs) = (store.clone(), runs.clone());
+        tokio::spawn(async move {
+            long_without_heartbeat(&*store, &runs, OrderPaid::new("L-2", 1)).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let during = long_with_heartbeat(&*store, &runs, OrderPaid::new("L-1", 1)).await;
+    assert!(
+        matches!(during, Err(AppError::Idem(Error::InProgress { .. }))),
+        "{during:?}"
+    );
+    let taken_over = long_without_heartbeat(&*store, &runs, OrderPaid::new("L-2", 1)).await;
+    assert!(
+        taken_over.is_ok(),
+        "without heartbeat the lease ran out: {taken_over:?}"
+    );
+    assert!(held.await.expect("task").is_ok());
+    let stale = dropped.await.expect("task");
+    assert!(
+        matches!(stale, Err(AppError::Idem(Error::LeaseLost { .. }))),
+        "{stale:?}"
+    );
+}
+
+/// One `#[tokio::test]` per case, on the `store` function of the module it expands in.
+macro_rules! cases {
+    ($($case:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $case() {
+            let clock = ManualClock::new(START);
+            super::$case(store(clock.clone()).await, clock).await;
+        }
+    )*};
+}
+
+macro_rules! on_every_store {
+    ($($store:ident => |$clock:ident| $make:expr;)*) => {$(
+        mod $store {
+            use super::*;
+
+            async fn store($clock: ManualClock) -> impl Store + 'static {
+                $make
+            }
+
+            cases!(
+                concurrent_duplicates_run_the_body_once,
+                completed_key_replays,
+                reused_key_with_another_payload_is_rejected,
+                failed_body_is_retried,
+                expired_lease_is_taken_over_and_stale_holder_fenced,
+                cancelled_call_leaves_claim_to_expire,
+                panicking_body_leaves_claim_to_expire,
+                falsy_results_replay_exactly,
+                empty_key_is_rejected,
+                stored_result_of_another_type_is_a_decode_error,
+                composite_keys_keep_tenants_apart,
+                waiting_duplicate_gets_the_first_result,
+            );
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn heartbeat_keeps_a_long_body_from_being_taken_over() {
+                let $clock = idem_runtime::clock::SystemClock;
+                super::heartbeat_keeps_a_long_body_from_being_taken_over($make).await;
+            }
+        }
+    )*};
+}
+
+on_every_store! {
+    memory => |clock| idem_runtime::MemoryStore::with_clock(clock);
+    sqlite => |clock| {
+        let store = idem_runtime::sqlite::SqliteStore::in_memory()
+            .await
+            .expect("open SQLite")
+            .with_clock(clock);
+        store.migrate().await.expect("migrate");
+        store
+    };
+}
+
+/// Every call runs in an `idempotent` span that records scope, key, fence and outcome.
+mod tracing_span {
+    use std::sync::Mutex;
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+    use tracing_subscriber::registry::LookupSpan;
+
+    use super::*;
+
+    /// The fields of every `idempotent` span, as `name=value` strings, one list per span.
+    #[derive(Clone, Default)]
+    struct Spans(Arc<Mutex<Vec<SpanFields>>>);
+
+    /// A span and its fields as `name=value` strings.
+    type SpanFields = (Id, Vec<String>);
+
+    struct Fields<'a>(&'a mut Vec<String>);
+
+    impl Visit for Fields<'_> {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.push(format!("{}={value:?}", field.name()));
+        }
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.0.push(format!("{}={value}", field.name()));
+        }
+    }
+
+    impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Spans {
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _: Context<'_, S>) {
+            if attrs.metadata().name() == "idempotent" {
+                let mut fields = Vec::new();
+                attrs.record(&mut Fields(&mut fields));
+                self.0.lock().expect("lock").push((id.clone(), fields));
+            }
+        }
+        fn on_record(&self, id: &Id, values: &Record<'_>, _: Context<'_, S>) {
+            let mut spans = self.0.lock().expect("lock");
+            if let Some((_, fields)) = spans.iter_mut().find(|(span, _)| span == id) {
+                values.record(&mut Fields(fields));
+            }
+        }
+    }
+
+    #[test]
+    fn every_call_records_scope_key_and_outcome() {
+        let spans = Spans::default();
+        let subscriber = tracing_subscriber::registry().with(spans.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        tracing::subscriber::with_default(subscriber, || {
+            runtime.block_on(async {
+                let store = idem_runtime::MemoryStore::new();
+                let runs = Runs::default();
+                let msg = || OrderPaid::new("T-1", 10);
+                credit_points(&store, &runs, msg()).await.expect("executed");
+                credit_points(&store, &runs, msg()).await.expect("replayed");
+                let reused = credit_points(&store, &runs, OrderPaid::new("T-1", 11)).await;
+                assert!(reused.is_err());
+                let failed = flaky(&store, &Runs::default(), true, OrderPaid::new("T-2", 1)).await;
+                assert!(failed.is_err());
+            });
+        });
+        let spans = spans.0.lock().expect("lock");
+        let fields: Vec<&Vec<String>> = spans.iter().map(|(_, fields)| fields).collect();
+        assert_eq!(fields.len(), 4, "{fields:?}");
+        let has = |i: usize, field: &str| fields[i].iter().any(|f| f == field);
+        assert!(
+            has(0, "scope=tests.credit_points") && has(0, "key=T-1"),
+            "{fields:?}"
+        );
+        assert!(
+            has(0, "outcome=executed") && has(0, "fence=1"),
+            "{fields:?}"
+        );
+        assert!(has(1, "outcome=replayed"), "{fields:?}");
+        assert!(has(2, "outcome=mismatch"), "{fields:?}");
+        assert!(
+            has(3, "outcome=failed") && has(3, "scope=tests.flaky"),
+            "{fields:?}"
+        );
+    }
+}

@@ -1,0 +1,16 @@
+use idem_runtime::{MemoryStore, idempotent};
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct OrderPaid {
+    order_no: String,
+}
+
+struct AppError;
+
+#[idempotent(key = "order_no", store = store)]
+async fn pay(store: &MemoryStore, msg: OrderPaid) -> Result<u32, AppError> {
+    Ok(msg.order_no.len() as u32)
+}
+
+fn main() {}
