@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_runtime::clock::ManualClock;
-use idem_runtime::{Error, Store, idempotent};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use idem_runtime::{Claim, Error, Fingerprint, Lease, RecordKey, Store, StoreError, idempotent};
 use idem_tests::{AppError, OrderPaid, Receipt, Runs, credit_points};
 use tokio::sync::{Notify, oneshot};
 
@@ -133,7 +135,7 @@ async fn failed_body_is_retried<S: Store>(store: S, _clock: ManualClock) {
     assert_eq!(runs.count(), 2);
 }
 
-/// Holds the key until told to finish.
+/// Holds the key until told to finish (or fails when the sender is dropped).
 #[idempotent(key = "order_no", store = store, scope = "tests.slow", lease = "30s")]
 async fn slow<S: Store>(
     store: &S,
@@ -144,7 +146,10 @@ async fn slow<S: Store>(
 ) -> Result<Receipt, AppError> {
     let run = runs.record();
     started.notify_one();
-    let _ = finish.await;
+    // A dropped sender fails the body.
+    finish
+        .await
+        .map_err(|_| AppError::Business("told to fail".into()))?;
     Ok(Receipt {
         order_no: msg.order_no,
         points: 0,
@@ -481,6 +486,10 @@ async fn waiting_duplicate_gets_the_first_result<S: Store + 'static>(
         })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the duplicate must wait for the first call, not return or run"
+    );
     finish_first.send(()).expect("send");
     let first = first.await.expect("task").expect("first");
     let waited = within(waiter).await.expect("task").expect("waited");
@@ -548,6 +557,339 @@ async fn heartbeat_keeps_a_long_body_from_being_taken_over<S: Store + 'static>(s
     );
 }
 
+/// A real store with faults injected: the claim fails while `store_down` is set, and the
+/// next `failing_extends` extends fail with a store error.
+struct Faulty<S> {
+    inner: S,
+    store_down: AtomicBool,
+    failing_extends: AtomicUsize,
+    extends: AtomicUsize,
+}
+
+impl<S> Faulty<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            store_down: AtomicBool::new(false),
+            failing_extends: AtomicUsize::new(0),
+            extends: AtomicUsize::new(0),
+        }
+    }
+
+    fn outage() -> Error {
+        Error::Store(StoreError::new("faulty", "connection refused (injected)"))
+    }
+}
+
+impl<S: Store> Store for Faulty<S> {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, Error> {
+        if self.store_down.load(Ordering::SeqCst) {
+            return Err(Self::outage());
+        }
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        lease: &Lease,
+        result: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        self.inner.complete(key, lease, result, ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
+        self.inner.release(key, lease).await
+    }
+
+    async fn extend(
+        &self,
+        key: &RecordKey,
+        lease: &Lease,
+        duration: Duration,
+    ) -> Result<Lease, Error> {
+        self.extends.fetch_add(1, Ordering::SeqCst);
+        let failing = self
+            .failing_extends
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(Self::outage());
+        }
+        self.inner.extend(key, lease, duration).await
+    }
+
+    async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
+        self.inner.purge_expired(limit).await
+    }
+}
+
+/// A store that cannot be reached: the body does not run and the caller gets the store error
+/// (do not ack; redeliver later). When it is back, the body runs once.
+async fn unreachable_store_runs_nothing<S: Store>(store: S, _clock: ManualClock) {
+    let store = Faulty::new(store);
+    let runs = Runs::default();
+    store.store_down.store(true, Ordering::SeqCst);
+    let down = credit_points(&store, &runs, OrderPaid::new("H-1", 10)).await;
+    assert!(
+        matches!(down, Err(AppError::Idem(Error::Store(_)))),
+        "{down:?}"
+    );
+    assert_eq!(runs.count(), 0, "the body must not run without a claim");
+    store.store_down.store(false, Ordering::SeqCst);
+    let back = credit_points(&store, &runs, OrderPaid::new("H-1", 10))
+        .await
+        .expect("store back");
+    assert_eq!(back.run, 1);
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.beat", lease = "300ms", heartbeat = true)]
+async fn beating<S: Store>(store: &S, runs: &Runs, msg: OrderPaid) -> Result<usize, AppError> {
+    let run = runs.record();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let _ = msg;
+    Ok(run)
+}
+
+/// A heartbeat that hits store errors keeps beating: a hiccup does not hand a live body's key
+/// to a duplicate (real clock: 300 ms lease, 1 s body, the first 2 extends fail).
+async fn heartbeat_retries_after_store_errors<S: Store + 'static>(store: S) {
+    let store = Arc::new(Faulty::new(store));
+    store.failing_extends.store(2, Ordering::SeqCst);
+    let runs = Arc::new(Runs::default());
+    let held = {
+        let (store, runs) = (store.clone(), runs.clone());
+        tokio::spawn(async move { beating(&*store, &runs, OrderPaid::new("HB-1", 1)).await })
+    };
+    // The two failed beats (at 100 ms and 200 ms) are followed by good ones before the lease
+    // set at 0 ms runs out at 300 ms; after that, every beat moves it on.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let during = beating(&*store, &runs, OrderPaid::new("HB-1", 1)).await;
+    assert!(
+        matches!(during, Err(AppError::Idem(Error::InProgress { .. }))),
+        "the heartbeat stopped after a store error: {during:?}"
+    );
+    assert_eq!(held.await.expect("task").expect("held"), 1);
+    assert!(store.extends.load(Ordering::SeqCst) > 3);
+    assert_eq!(runs.count(), 1);
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.slow", wait = "150ms")]
+async fn slow_or_wait_briefly<S: Store>(
+    store: &S,
+    runs: &Runs,
+    msg: OrderPaid,
+) -> Result<Receipt, AppError> {
+    Ok(Receipt {
+        order_no: msg.order_no,
+        points: 0,
+        run: runs.record(),
+    })
+}
+
+/// A duplicate whose `wait` runs out before the first call finishes gets `InProgress`.
+async fn waiting_duplicate_times_out_in_progress<S: Store + 'static>(
+    store: S,
+    _clock: ManualClock,
+) {
+    let store = Arc::new(store);
+    let runs = Arc::new(Runs::default());
+    let started = Arc::new(Notify::new());
+    let (finish_first, first_finish) = oneshot::channel();
+    let first = {
+        let (store, runs, started) = (store.clone(), runs.clone(), started.clone());
+        tokio::spawn(async move {
+            slow(
+                &*store,
+                &runs,
+                &started,
+                first_finish,
+                OrderPaid::new("WT-1", 1),
+            )
+            .await
+        })
+    };
+    started.notified().await;
+    let waited = within(slow_or_wait_briefly(
+        &*store,
+        &runs,
+        OrderPaid::new("WT-1", 1),
+    ))
+    .await;
+    assert!(
+        matches!(waited, Err(AppError::Idem(Error::InProgress { .. }))),
+        "{waited:?}"
+    );
+    finish_first.send(()).expect("send");
+    assert_eq!(first.await.expect("task").expect("first").run, 1);
+    assert_eq!(runs.count(), 1);
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.slow", wait = Duration::MAX)]
+async fn waits_forever<S: Store>(
+    store: &S,
+    runs: &Runs,
+    msg: OrderPaid,
+) -> Result<Receipt, AppError> {
+    Ok(Receipt {
+        order_no: msg.order_no,
+        points: 0,
+        run: runs.record(),
+    })
+}
+
+/// A waiting duplicate whose first call fails takes the key over and runs the body itself;
+/// `wait = Duration::MAX` waits without a deadline (and does not overflow).
+async fn waiter_runs_the_body_when_the_first_call_fails<S: Store + 'static>(
+    store: S,
+    _clock: ManualClock,
+) {
+    let store = Arc::new(store);
+    let runs = Arc::new(Runs::default());
+    let started = Arc::new(Notify::new());
+    let (finish_first, first_finish) = oneshot::channel::<()>();
+    let first = {
+        let (store, runs, started) = (store.clone(), runs.clone(), started.clone());
+        tokio::spawn(async move {
+            slow(
+                &*store,
+                &runs,
+                &started,
+                first_finish,
+                OrderPaid::new("WF-1", 1),
+            )
+            .await
+        })
+    };
+    started.notified().await;
+    let waiter = {
+        let (store, runs) = (store.clone(), runs.clone());
+        tokio::spawn(async move { waits_forever(&*store, &runs, OrderPaid::new("WF-1", 1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "the duplicate must wait, not run");
+    drop(finish_first); // the first body sees a closed channel…
+    let first = first.await.expect("task");
+    assert!(
+        matches!(first, Err(AppError::Business(_))),
+        "…and fails: {first:?}"
+    );
+    let waited = within(waiter).await.expect("task").expect("waiter ran");
+    assert_eq!(waited.run, 2, "the waiter ran the body after the release");
+    assert_eq!(runs.count(), 2);
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.scope_a")]
+async fn in_scope_a<S: Store>(store: &S, runs: &Runs, msg: OrderPaid) -> Result<usize, AppError> {
+    let _ = msg;
+    Ok(runs.record())
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.scope_b")]
+async fn in_scope_b<S: Store>(store: &S, runs: &Runs, msg: OrderPaid) -> Result<usize, AppError> {
+    let _ = msg;
+    Ok(runs.record())
+}
+
+/// Scopes are separate key spaces: one key in two handlers runs each body once.
+async fn one_key_in_two_scopes_runs_each_body<S: Store>(store: S, _clock: ManualClock) {
+    let runs = Runs::default();
+    let msg = || OrderPaid::new("S-1", 1);
+    assert_eq!(in_scope_a(&store, &runs, msg()).await.expect("a"), 1);
+    assert_eq!(in_scope_b(&store, &runs, msg()).await.expect("b"), 2);
+    assert_eq!(in_scope_a(&store, &runs, msg()).await.expect("a again"), 1);
+    assert_eq!(in_scope_b(&store, &runs, msg()).await.expect("b again"), 2);
+    assert_eq!(runs.count(), 2);
+}
+
+#[idempotent(key = key, store = store, scope = "tests.nan")]
+async fn not_a_number<S: Store>(store: &S, runs: &Runs, key: &str) -> Result<f64, AppError> {
+    runs.record();
+    Ok(f64::NAN)
+}
+
+/// A result that does not survive its JSON round trip (`NaN` becomes `null`) is an encode
+/// error, not a record that fails every replay; the claim is not released (the body's effect
+/// happened), so duplicates wait for the lease instead of repeating it at once.
+async fn result_that_does_not_round_trip_is_refused<S: Store>(store: S, clock: ManualClock) {
+    let runs = Runs::default();
+    let first = not_a_number(&store, &runs, "N-1").await;
+    assert!(
+        matches!(first, Err(AppError::Idem(Error::Encode { .. }))),
+        "{first:?}"
+    );
+    let duplicate = not_a_number(&store, &runs, "N-1").await;
+    assert!(
+        matches!(duplicate, Err(AppError::Idem(Error::InProgress { .. }))),
+        "{duplicate:?}"
+    );
+    assert_eq!(runs.count(), 1);
+    clock.advance(idem_runtime::Policy::DEFAULT_LEASE);
+    let later = not_a_number(&store, &runs, "N-1").await;
+    assert!(matches!(later, Err(AppError::Idem(Error::Encode { .. }))));
+    assert_eq!(runs.count(), 2, "after the lease the key is free again");
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.zero", lease = Duration::ZERO)]
+async fn zero_lease<S: Store>(
+    store: &S,
+    runs: &Runs,
+    started: &Notify,
+    finish: oneshot::Receiver<()>,
+    msg: OrderPaid,
+) -> Result<usize, AppError> {
+    let run = runs.record();
+    started.notify_one();
+    let _ = finish.await;
+    let _ = msg;
+    Ok(run)
+}
+
+/// A lease given as a zero `Duration` still holds the key for a millisecond of store time (the
+/// clock here does not move), so a duplicate is refused instead of taking over at once.
+async fn zero_lease_still_holds_the_key<S: Store + 'static>(store: S, clock: ManualClock) {
+    let store = Arc::new(store);
+    let runs = Arc::new(Runs::default());
+    let started = Arc::new(Notify::new());
+    let (finish_first, first_finish) = oneshot::channel();
+    let first = {
+        let (store, runs, started) = (store.clone(), runs.clone(), started.clone());
+        tokio::spawn(async move {
+            zero_lease(
+                &*store,
+                &runs,
+                &started,
+                first_finish,
+                OrderPaid::new("Z-1", 1),
+            )
+            .await
+        })
+    };
+    started.notified().await;
+    let (_keep, never) = oneshot::channel();
+    let duplicate = within(zero_lease(
+        &*store,
+        &runs,
+        &Notify::new(),
+        never,
+        OrderPaid::new("Z-1", 1),
+    ))
+    .await;
+    assert!(
+        matches!(duplicate, Err(AppError::Idem(Error::InProgress { .. }))),
+        "{duplicate:?}"
+    );
+    finish_first.send(()).expect("send");
+    assert_eq!(first.await.expect("task").expect("first"), 1);
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(runs.count(), 1);
+}
+
 /// One `#[tokio::test]` per case, on the `store` function of the module it expands in.
 macro_rules! cases {
     ($($case:ident),* $(,)?) => {$(
@@ -581,12 +923,24 @@ macro_rules! on_every_store {
                 stored_result_of_another_type_is_a_decode_error,
                 composite_keys_keep_tenants_apart,
                 waiting_duplicate_gets_the_first_result,
+                unreachable_store_runs_nothing,
+                waiting_duplicate_times_out_in_progress,
+                waiter_runs_the_body_when_the_first_call_fails,
+                one_key_in_two_scopes_runs_each_body,
+                result_that_does_not_round_trip_is_refused,
+                zero_lease_still_holds_the_key,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn heartbeat_keeps_a_long_body_from_being_taken_over() {
                 let $clock = idem_runtime::clock::SystemClock;
                 super::heartbeat_keeps_a_long_body_from_being_taken_over($make).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn heartbeat_retries_after_store_errors() {
+                let $clock = idem_runtime::clock::SystemClock;
+                super::heartbeat_retries_after_store_errors($make).await;
             }
         }
     )*};
@@ -602,6 +956,8 @@ on_every_store! {
         store.migrate().await.expect("migrate");
         store
     };
+    // A database file shared by a pool of several connections, as processes share it.
+    sqlite_file => |clock| idem_tests::sqlite_file::FileStore::open("handlers", clock).await;
 }
 
 /// Every call runs in an `idempotent` span that records scope, key, fence and outcome.

@@ -145,3 +145,119 @@ pub mod servers {
         )
     }
 }
+
+/// SQLite databases in temporary files, deleted when dropped.
+pub mod sqlite_file {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use idem_runtime::clock::Clock;
+    use idem_runtime::sqlite::SqliteStore;
+    use idem_runtime::{Claim, Error, Fingerprint, Lease, RecordKey, Store};
+
+    /// A path for a new database file, unique in this run and across runs, with no file left
+    /// there by an earlier run; the file (and its WAL files) are deleted on drop.
+    pub struct TempDb {
+        path: PathBuf,
+    }
+
+    impl TempDb {
+        /// A fresh path named after `purpose`.
+        pub fn new(purpose: &str) -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| since.as_nanos());
+            let path = std::env::temp_dir().join(format!(
+                "idem-stores-{purpose}-{}-{nanos}-{}.db",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let db = Self { path };
+            db.remove();
+            db
+        }
+
+        /// The `sqlite://` URL of the file.
+        pub fn url(&self) -> String {
+            format!("sqlite://{}", self.path.display())
+        }
+
+        fn remove(&self) {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut file = self.path.clone().into_os_string();
+                file.push(suffix);
+                // Missing files are fine: not every one is created.
+                let _ = std::fs::remove_file(file);
+            }
+        }
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            self.remove();
+        }
+    }
+
+    /// A migrated SQLite store in a fresh database file, deleted when the store is dropped.
+    pub struct FileStore {
+        /// The store.
+        pub store: SqliteStore,
+        _file: TempDb,
+    }
+
+    impl FileStore {
+        /// Opens a fresh file named after `purpose`, with time from `clock`.
+        pub async fn open(purpose: &str, clock: impl Clock) -> Self {
+            let file = TempDb::new(purpose);
+            let store = SqliteStore::connect(&file.url())
+                .await
+                .unwrap_or_else(|error| panic!("open {}: {error}", file.url()))
+                .with_clock(clock);
+            store
+                .migrate()
+                .await
+                .expect("create the idem_records table");
+            Self { store, _file: file }
+        }
+    }
+
+    impl Store for FileStore {
+        async fn claim(
+            &self,
+            key: &RecordKey,
+            fingerprint: Option<&Fingerprint>,
+            lease: Duration,
+        ) -> Result<Claim, Error> {
+            self.store.claim(key, fingerprint, lease).await
+        }
+
+        async fn complete(
+            &self,
+            key: &RecordKey,
+            lease: &Lease,
+            result: &[u8],
+            ttl: Duration,
+        ) -> Result<(), Error> {
+            self.store.complete(key, lease, result, ttl).await
+        }
+
+        async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
+            self.store.release(key, lease).await
+        }
+
+        async fn extend(
+            &self,
+            key: &RecordKey,
+            lease: &Lease,
+            duration: Duration,
+        ) -> Result<Lease, Error> {
+            self.store.extend(key, lease, duration).await
+        }
+
+        async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
+            self.store.purge_expired(limit).await
+        }
+    }
+}

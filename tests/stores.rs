@@ -1,14 +1,13 @@
 //! The store conformance suite (`idem_runtime::testing`) against every store, and the checks
 //! only SQLite needs: migrations and records edited by hand.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use idem_runtime::clock::ManualClock;
 use idem_runtime::sqlite::SqliteStore;
 use idem_runtime::testing::START_MILLIS;
-use idem_runtime::{Claim, Error, Fingerprint, Lease, Policy, RecordKey, Store};
+use idem_runtime::{Claim, Error, Fingerprint, Policy, RecordKey, Store};
+use idem_tests::sqlite_file::TempDb;
 
 mod memory {
     use idem_runtime::MemoryStore;
@@ -29,7 +28,7 @@ mod sqlite_file {
     use idem_runtime::clock::ManualClock;
 
     idem_runtime::conformance_tests!(|clock: ManualClock| async move {
-        super::FileStore::open("conformance", clock).await
+        idem_tests::sqlite_file::FileStore::open("conformance", clock).await
     });
 }
 
@@ -109,107 +108,6 @@ async fn in_memory_store(clock: ManualClock) -> SqliteStore {
         .await
         .expect("create the idem_records table");
     store
-}
-
-/// A path for a new database file, unique in this run and across runs, with no file left
-/// there by an earlier run; the file (and its WAL files) are deleted on drop.
-struct TempDb {
-    path: PathBuf,
-}
-
-impl TempDb {
-    fn new(purpose: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_nanos());
-        let path = std::env::temp_dir().join(format!(
-            "idem-stores-{purpose}-{}-{nanos}-{}.db",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let db = Self { path };
-        db.remove();
-        db
-    }
-
-    fn url(&self) -> String {
-        format!("sqlite://{}", self.path.display())
-    }
-
-    fn remove(&self) {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let mut file = self.path.clone().into_os_string();
-            file.push(suffix);
-            // Missing files are fine: not every one is created.
-            let _ = std::fs::remove_file(file);
-        }
-    }
-}
-
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-/// A migrated SQLite store in a fresh database file, deleted when the store is dropped.
-struct FileStore {
-    store: SqliteStore,
-    _file: TempDb,
-}
-
-impl FileStore {
-    async fn open(purpose: &str, clock: ManualClock) -> Self {
-        let file = TempDb::new(purpose);
-        let store = SqliteStore::connect(&file.url())
-            .await
-            .unwrap_or_else(|error| panic!("open {}: {error}", file.url()))
-            .with_clock(clock);
-        store
-            .migrate()
-            .await
-            .expect("create the idem_records table");
-        Self { store, _file: file }
-    }
-}
-
-impl Store for FileStore {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Option<&Fingerprint>,
-        lease: Duration,
-    ) -> Result<Claim, Error> {
-        self.store.claim(key, fingerprint, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        lease: &Lease,
-        result: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        self.store.complete(key, lease, result, ttl).await
-    }
-
-    async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
-        self.store.release(key, lease).await
-    }
-
-    async fn extend(
-        &self,
-        key: &RecordKey,
-        lease: &Lease,
-        duration: Duration,
-    ) -> Result<Lease, Error> {
-        self.store.extend(key, lease, duration).await
-    }
-
-    async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
-        self.store.purge_expired(limit).await
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 use proc_macro2::{Delimiter, Group, Ident, Literal, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
+use syn::ext::IdentExt as _;
 use syn::spanned::Spanned;
 
 use crate::ast::Handler;
@@ -47,6 +48,10 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
     let inner = attrs
         .iter()
         .filter(|attr| matches!(attr.style, syn::AttrStyle::Inner(_)));
+    // The body's statements go straight into the async block: wrapping the block itself
+    // would leave a one-expression body such as `{ Ok(x) }` as a block in tail position,
+    // which `unused_braces` reports on the user's code.
+    let stmts = &block.stmts;
     let krate = &plan.krate;
     let private = quote!(#krate::__private);
     let output = &plan.output;
@@ -70,7 +75,7 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
     let scope = match &plan.scope {
         Some(scope) => quote!(#scope),
         None => {
-            let name = sig.ident.to_string();
+            let name = sig.ident.unraw().to_string();
             quote!(#private::concat!(#private::module_path!(), "::", #name))
         }
     };
@@ -157,7 +162,7 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
                     let #anchor: #output = loop {};
                     return #anchor;
                 }
-                #block
+                #(#stmts)*
             };
             #run
         }

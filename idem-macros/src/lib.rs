@@ -63,8 +63,14 @@ use proc_macro::TokenStream;
 ///   `key = (msg.tenant.as_str(), msg.order_no)`.
 ///
 /// Use the *business* key (order number, request id), not the broker's message id: a producer
-/// that resends creates a new message id. An empty key is an error at run time; a long one is
-/// hashed.
+/// that resends creates a new message id. An empty key, or a composite key with an empty part,
+/// is an error at run time; a long one is hashed.
+///
+/// # Store
+///
+/// The `store` expression is evaluated once, before the body, and borrowed for the whole call.
+/// With `store = &self.store` the method takes `&self`: a body that moves `self` does not
+/// compile (E0505) — clone the store (an `Arc`, say) out of `self` before the handler instead.
 ///
 /// # Scope
 ///

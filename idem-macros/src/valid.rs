@@ -1,7 +1,6 @@
 //! Rules across the options and the function: what the expansion may rely on.
 
 use proc_macro2::{Span, TokenStream, TokenTree};
-use quote::format_ident;
 use syn::spanned::Spanned;
 use syn::{Expr, Ident, Index, LitStr, Member, ReturnType, Type};
 
@@ -177,7 +176,7 @@ fn key_plan(
                 span: member_span,
             }));
         } else if let Ok(ident) = syn::parse_str::<Ident>(segment) {
-            segments.push(Member::Named(Ident::new(&ident.to_string(), member_span)));
+            segments.push(Member::Named(respanned(&ident, member_span)));
         } else {
             errors.spanned(
                 span,
@@ -192,7 +191,7 @@ fn key_plan(
             (handler.has_receiver && first == "self").then(|| Ident::new("self", span))
         });
         if let Some(base) = named_arg {
-            let base = Ident::new(&base.to_string(), span);
+            let base = respanned(&base, span);
             return Some(KeyPlan::Field {
                 base,
                 members: segments.split_off(1),
@@ -224,7 +223,7 @@ fn key_plan(
                 None
             }
             Some(name) => Some(KeyPlan::Field {
-                base: Ident::new(&name.to_string(), span),
+                base: respanned(name, span),
                 members: segments,
                 span,
             }),
@@ -265,7 +264,7 @@ fn is_named(store: Option<&Expr>, name: &Ident) -> bool {
 fn default_fingerprint(key: &KeyPlan, handler: &Handler) -> FingerprintPlan {
     match key {
         KeyPlan::Field { base, span, .. } if base != "self" => {
-            FingerprintPlan::Args(vec![format_ident!("{}", base, span = *span)], *span)
+            FingerprintPlan::Args(vec![respanned(base, *span)], *span)
         }
         KeyPlan::Field { .. } => FingerprintPlan::Off,
         KeyPlan::Expr(expr) => {
@@ -276,7 +275,7 @@ fn default_fingerprint(key: &KeyPlan, handler: &Handler) -> FingerprintPlan {
                 .iter()
                 .filter_map(|arg| arg.name.as_ref())
                 .filter(|name| used.iter().any(|ident| ident == *name))
-                .map(|name| Ident::new(&name.to_string(), expr.span()))
+                .map(|name| respanned(name, expr.span()))
                 .collect();
             if args.is_empty() {
                 FingerprintPlan::Off
@@ -299,4 +298,12 @@ fn mentioned(tokens: &TokenStream, out: &mut Vec<Ident>) {
         }
         after_dot = dot;
     }
+}
+
+/// `ident` shown at `span`. Cloning keeps a raw identifier (`r#type`) raw, which
+/// `Ident::new(&ident.to_string(), …)` would reject with a panic.
+fn respanned(ident: &Ident, span: Span) -> Ident {
+    let mut ident = ident.clone();
+    ident.set_span(span);
+    ident
 }

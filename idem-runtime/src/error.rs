@@ -36,8 +36,8 @@ pub enum Error {
         key: String,
     },
 
-    /// The business key is empty or only whitespace.
-    #[error("the idempotency key for `{scope}` is empty")]
+    /// The business key is empty or only whitespace, or a part of a composite key is.
+    #[error("the idempotency key for `{scope}` is empty (or a part of it is)")]
     EmptyKey {
         /// The handler scope.
         scope: String,
@@ -89,7 +89,12 @@ pub enum Error {
         source: BoxError,
     },
 
-    /// A value could not be serialized (the result to store, or the payload to fingerprint).
+    /// A value could not be serialized (the result to store, or the payload to fingerprint),
+    /// or the result does not deserialize from what it serialized to.
+    ///
+    /// For a result this is raised after the body ran: its effect happened but cannot be
+    /// recorded, so the claim is not released; it expires with its lease, and a delivery after
+    /// that runs the body again. Fix the result type (check it with a round trip in a test).
     #[error("could not serialize the {what}: {source}")]
     Encode {
         /// What was being serialized.

@@ -56,8 +56,20 @@ impl Policy {
     /// Lets an in-progress claim live for `lease`. Choose it longer than the body ever takes
     /// (or turn on the heartbeat): when it runs out, a duplicate takes the key over and runs
     /// the body again.
+    ///
+    /// Stores count time in whole milliseconds, so the lease is rounded up to the next
+    /// millisecond and is at least 1 ms: a zero lease would let every duplicate take the key
+    /// over at once.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem_runtime::Policy;
+    ///
+    /// assert_eq!(Policy::new().with_lease(Duration::ZERO).lease(), Duration::from_millis(1));
+    /// assert_eq!(Policy::new().with_lease(Duration::from_micros(1500)).lease(), Duration::from_millis(2));
+    /// ```
     pub const fn with_lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.lease = whole_millis(lease);
         self
     }
 
@@ -96,6 +108,23 @@ impl Policy {
     }
 }
 
+/// `duration` rounded up to whole milliseconds, at least 1 ms.
+const fn whole_millis(duration: Duration) -> Duration {
+    const MAX_MILLIS: u128 = u64::MAX as u128;
+    let mut millis = duration.as_millis();
+    if !duration.subsec_nanos().is_multiple_of(1_000_000) {
+        millis += 1;
+    }
+    if millis == 0 {
+        millis = 1;
+    }
+    if millis > MAX_MILLIS {
+        millis = MAX_MILLIS;
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "clamped to u64::MAX above")]
+    Duration::from_millis(millis as u64)
+}
+
 /// Runs `body` at most once per `key`: what `#[idempotent]` expands to.
 ///
 /// * The key is claimed. If it was completed before, the stored result is decoded and
@@ -104,8 +133,10 @@ impl Policy {
 ///   with another `fingerprint`, [`Error::FingerprintMismatch`] is returned.
 /// * Otherwise `body` runs. `Ok(value)` is serialized (JSON) and recorded before it is
 ///   returned; if the record cannot be written (the lease was lost, the store failed) that
-///   error is returned instead, because the result was not recorded. `Err` releases the claim
-///   so the next delivery runs the body again.
+///   error is returned instead, because the result was not recorded: a later delivery may run
+///   the body again once the claim expires. A result that cannot be serialized, or does not
+///   deserialize back, is [`Error::Encode`] and leaves the claim to expire as well. `Err`
+///   releases the claim so the next delivery runs the body again at once.
 /// * If the returned future is dropped (cancelled) or `body` panics, the claim is left to
 ///   expire with its lease: until then duplicates get [`Error::InProgress`].
 ///
@@ -186,17 +217,15 @@ where
             return Err(error);
         }
     };
-    let stored = match serde_json::to_vec(&value) {
+    // The body ran, so its effect happened: a result that cannot be recorded must not
+    // release the claim (the next delivery would repeat the effect at once). The claim is left
+    // to expire with its lease, and the error says why.
+    let stored = match encode(&value) {
         Ok(stored) => stored,
-        Err(source) => {
+        Err(error) => {
             span.record("outcome", "failed");
-            if let Err(release) = store.release(key, &lease).await {
-                tracing::warn!(error = %release, "could not release the claim; it will expire with its lease");
-            }
-            return Err(E::from(Error::Encode {
-                what: "handler's result",
-                source,
-            }));
+            tracing::error!(%error, "the body ran but its result cannot be recorded; the claim is left to expire");
+            return Err(E::from(error));
         }
     };
     match store.complete(key, &lease, &stored, policy.ttl).await {
@@ -225,7 +254,10 @@ async fn acquire<S: Store + ?Sized>(
 ) -> Result<Acquired, Error> {
     const FIRST_PAUSE: Duration = Duration::from_millis(5);
     const LONGEST_PAUSE: Duration = Duration::from_millis(250);
-    let deadline = policy.wait.map(|wait| tokio::time::Instant::now() + wait);
+    // A wait too long to represent (`Duration::MAX`) waits without a deadline.
+    let deadline = policy
+        .wait
+        .map(|wait| tokio::time::Instant::now().checked_add(wait));
     let mut pause = FIRST_PAUSE;
     loop {
         match store.claim(key, fingerprint, policy.lease).await? {
@@ -239,7 +271,11 @@ async fn acquire<S: Store + ?Sized>(
             }
             Claim::InProgress { retry_after } => {
                 let now = tokio::time::Instant::now();
-                let left = deadline.map_or(Duration::ZERO, |deadline| deadline - now);
+                let left = match deadline {
+                    None => Duration::ZERO,
+                    Some(None) => Duration::MAX,
+                    Some(Some(deadline)) => deadline.saturating_duration_since(now),
+                };
                 if left.is_zero() {
                     return Err(Error::InProgress {
                         scope: key.scope().to_owned(),
@@ -275,14 +311,34 @@ where
             output = &mut body => return (output, lease),
             () = tokio::time::sleep(every) => match store.extend(key, &lease, duration).await {
                 Ok(extended) => lease = extended,
-                Err(error) => {
-                    tracing::warn!(%error, "could not extend the lease; the body goes on without it");
+                // Another call took the key over: extending again cannot succeed.
+                Err(error @ Error::LeaseLost { .. }) => {
+                    tracing::warn!(%error, "the lease was lost; the body goes on without it");
                     break;
+                }
+                // A store hiccup: the lease still runs, so try again at the next beat.
+                Err(error) => {
+                    tracing::warn!(%error, "could not extend the lease; retrying at the next beat");
                 }
             },
         }
     }
     (body.await, lease)
+}
+
+/// Serializes a result and checks that it decodes again: a value that does not survive the
+/// round trip (a map with non-string keys, a `NaN`, a type whose `Deserialize` rejects what
+/// its `Serialize` wrote) would otherwise be stored and fail every replay.
+fn encode<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, Error> {
+    let stored = serde_json::to_vec(value).map_err(|source| Error::Encode {
+        what: "handler's result",
+        source,
+    })?;
+    serde_json::from_slice::<T>(&stored).map_err(|source| Error::Encode {
+        what: "handler's result (it serializes, but does not deserialize back)",
+        source,
+    })?;
+    Ok(stored)
 }
 
 fn decode<T: DeserializeOwned>(key: &RecordKey, stored: &[u8]) -> Result<T, Error> {

@@ -67,8 +67,17 @@ impl RecordKey {
     ///
     /// # Errors
     ///
-    /// As [`RecordKey::new`].
+    /// As [`RecordKey::new`], and [`Error::EmptyKey`] if a part of a composite key is empty or
+    /// only whitespace.
     pub fn from_value<K: IdempotencyKey + ?Sized>(scope: &str, key: &K) -> Result<Self, Error> {
+        if scope.is_empty() {
+            return Err(Error::EmptyScope);
+        }
+        if key.is_blank() {
+            return Err(Error::EmptyKey {
+                scope: scope.to_owned(),
+            });
+        }
         let mut text = String::new();
         key.write_key(&mut text);
         Self::new(scope, &text)
@@ -119,11 +128,24 @@ fn storable(part: &str) -> Cow<'_, str> {
 pub trait IdempotencyKey {
     /// Appends this key's text form to `out`.
     fn write_key(&self, out: &mut String);
+
+    /// Whether the key, or any part of a composite key, is empty or only whitespace: such a
+    /// key is rejected with [`Error::EmptyKey`], so `("acme", "")` cannot stand for every
+    /// order of a tenant. The default writes the key and looks at the text.
+    fn is_blank(&self) -> bool {
+        let mut text = String::new();
+        self.write_key(&mut text);
+        text.trim().is_empty()
+    }
 }
 
 impl IdempotencyKey for str {
     fn write_key(&self, out: &mut String) {
         out.push_str(self);
+    }
+
+    fn is_blank(&self) -> bool {
+        self.trim().is_empty()
     }
 }
 
@@ -131,11 +153,19 @@ impl IdempotencyKey for String {
     fn write_key(&self, out: &mut String) {
         out.push_str(self);
     }
+
+    fn is_blank(&self) -> bool {
+        self.trim().is_empty()
+    }
 }
 
 impl IdempotencyKey for Cow<'_, str> {
     fn write_key(&self, out: &mut String) {
         out.push_str(self);
+    }
+
+    fn is_blank(&self) -> bool {
+        self.trim().is_empty()
     }
 }
 
@@ -143,17 +173,29 @@ impl<K: IdempotencyKey + ?Sized> IdempotencyKey for &K {
     fn write_key(&self, out: &mut String) {
         (**self).write_key(out);
     }
+
+    fn is_blank(&self) -> bool {
+        (**self).is_blank()
+    }
 }
 
 impl<K: IdempotencyKey + ?Sized> IdempotencyKey for Box<K> {
     fn write_key(&self, out: &mut String) {
         (**self).write_key(out);
     }
+
+    fn is_blank(&self) -> bool {
+        (**self).is_blank()
+    }
 }
 
 impl<K: IdempotencyKey + ?Sized> IdempotencyKey for std::sync::Arc<K> {
     fn write_key(&self, out: &mut String) {
         (**self).write_key(out);
+    }
+
+    fn is_blank(&self) -> bool {
+        (**self).is_blank()
     }
 }
 
@@ -207,6 +249,12 @@ macro_rules! tuple_keys {
                 let ($first, $($rest,)*) = self;
                 write_part($first, true, out);
                 $(write_part($rest, false, out);)*
+            }
+
+            #[allow(non_snake_case)]
+            fn is_blank(&self) -> bool {
+                let ($first, $($rest,)*) = self;
+                $first.is_blank() $(|| $rest.is_blank())*
             }
         }
     )*};
@@ -341,6 +389,21 @@ mod tests {
                 .key()
                 .starts_with(HASHED_PREFIX)
         );
+    }
+
+    #[test]
+    fn composite_keys_with_a_blank_part_are_rejected() {
+        for blank in [
+            RecordKey::from_value("s", &("acme", "")),
+            RecordKey::from_value("s", &("", 7_u64)),
+            RecordKey::from_value("s", &(String::from("acme"), " \t")),
+            RecordKey::from_value("s", &("a", ("b", ""))),
+            RecordKey::from_value("s", &(' ', 1_u8)),
+        ] {
+            assert!(matches!(blank, Err(Error::EmptyKey { .. })), "{blank:?}");
+        }
+        let whole = RecordKey::from_value("s", &("acme", 0_u64)).expect("no blank part");
+        assert_eq!(whole.key(), "acme:0");
     }
 
     #[test]

@@ -51,7 +51,14 @@ async fn refund<S: Store>(store: &S, order_no: &str) -> Result<(), AppError> {
     Ok(())
 }
 
+// A body of one expression: no `unused_braces` on the user's braces.
+#[idempotent(key = order_no, store = store)]
+async fn settle(store: &MemoryStore, order_no: u64) -> Result<u64, AppError> {
+    Ok(order_no)
+}
+
 fn main() {
     let _ = pay;
     let _ = refund::<MemoryStore>;
+    let _ = settle;
 }
