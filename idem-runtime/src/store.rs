@@ -42,8 +42,10 @@ impl Lease {
         &self.owner
     }
 
-    /// The fencing number: it rises with every claim and takeover of the same record, so a
-    /// larger fence always belongs to a later holder.
+    /// The fencing number: it rises with every claim and takeover of the same record, so
+    /// while the record exists a larger fence belongs to a later holder. A record that was
+    /// purged (or expired from Redis) starts again at 1; a holder of the old record still gets
+    /// [`Error::LeaseLost`], because its owner token no longer matches.
     pub fn fence(&self) -> u64 {
         self.fence
     }
