@@ -58,6 +58,7 @@
 //! |---|---|---|---|
 //! | [`MemoryStore`] | always | no | no |
 //! | [`sqlite::SqliteStore`] | `sqlite` | yes (file database) | processes on one host |
+//! | [`redis::RedisStore`] | `redis` | only with AOF (see the module) | yes |
 //!
 //! Implement [`Store`] for another backend; the conformance suite in
 //! `idem_runtime::testing` (feature `testing`) checks it.

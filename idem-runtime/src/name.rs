@@ -47,7 +47,7 @@ pub(crate) fn sql_identifier(what: &'static str, name: &str) -> Result<(), Error
 /// # Errors
 ///
 /// [`Error::InvalidName`] saying what is wrong.
-#[allow(dead_code, reason = "the Redis store that uses it is being written")]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn key_prefix(name: &str) -> Result<(), Error> {
     let invalid = |reason| {
         Err(Error::InvalidName {
