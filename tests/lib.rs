@@ -1,9 +1,11 @@
 //! Shared pieces of idem's integration tests: handlers written with `#[idempotent]` the way
-//! users write them, and counters that tell how often their bodies ran.
+//! users write them, counters that tell how often their bodies ran, and the stores the tests
+//! run on (temporary SQLite files, the test servers).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use idem_runtime::{Store, idempotent};
+use idem_runtime::{Claim, Error, Fingerprint, Lease, RecordKey, Store, idempotent};
 use serde::{Deserialize, Serialize};
 
 /// A message as a queue delivers it.
@@ -150,11 +152,12 @@ pub mod servers {
 pub mod sqlite_file {
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::{SystemTime, UNIX_EPOCH};
 
     use idem_runtime::clock::Clock;
     use idem_runtime::sqlite::SqliteStore;
-    use idem_runtime::{Claim, Error, Fingerprint, Lease, RecordKey, Store};
+
+    use crate::Guarded;
 
     /// A path for a new database file, unique in this run and across runs, with no file left
     /// there by an earlier run; the file (and its WAL files) are deleted on drop.
@@ -201,11 +204,7 @@ pub mod sqlite_file {
     }
 
     /// A migrated SQLite store in a fresh database file, deleted when the store is dropped.
-    pub struct FileStore {
-        /// The store.
-        pub store: SqliteStore,
-        _file: TempDb,
-    }
+    pub type FileStore = Guarded<SqliteStore>;
 
     impl FileStore {
         /// Opens a fresh file named after `purpose`, with time from `clock`.
@@ -219,45 +218,184 @@ pub mod sqlite_file {
                 .migrate()
                 .await
                 .expect("create the idem_records table");
-            Self { store, _file: file }
+            Guarded::new(store, file)
+        }
+    }
+}
+
+/// A store that owns what it was built on — a temporary file, a test table, a key prefix — and
+/// cleans that up when dropped, also when the test panicked.
+pub struct Guarded<S> {
+    /// The store.
+    pub store: S,
+    _guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl<S> Guarded<S> {
+    /// `store`, with `guard` dropped when it is.
+    pub fn new(store: S, guard: impl Send + Sync + 'static) -> Self {
+        Self {
+            store,
+            _guard: Box::new(guard),
+        }
+    }
+}
+
+impl<S: Store> Store for Guarded<S> {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, Error> {
+        self.store.claim(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        lease: &Lease,
+        result: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        self.store.complete(key, lease, result, ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
+        self.store.release(key, lease).await
+    }
+
+    async fn extend(
+        &self,
+        key: &RecordKey,
+        lease: &Lease,
+        duration: Duration,
+    ) -> Result<Lease, Error> {
+        self.store.extend(key, lease, duration).await
+    }
+
+    async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
+        self.store.purge_expired(limit).await
+    }
+}
+
+/// The Redis server of the tests: connections, and stores under a fresh key prefix.
+pub mod redis_server {
+    use std::time::Duration;
+
+    use idem_runtime::clock::Clock;
+    use idem_runtime::redis::RedisStore;
+    use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+
+    use crate::{Guarded, servers};
+
+    /// The URL of the test server.
+    pub fn url() -> String {
+        servers::url(servers::REDIS_VAR, servers::REDIS_DEFAULT)
+    }
+
+    /// A client for the test server, or `None` (after saying so) when it does not answer a PING.
+    pub async fn client() -> Option<redis::Client> {
+        let url = url();
+        let client = match redis::Client::open(url.as_str()) {
+            Ok(client) => client,
+            Err(error) => {
+                servers::unreachable("Redis", &url, &error);
+                return None;
+            }
+        };
+        let ping = async {
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<()>(&mut connection).await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), ping).await {
+            Ok(Ok(())) => Some(client),
+            Ok(Err(error)) => {
+                servers::unreachable("Redis", &url, &error);
+                None
+            }
+            Err(elapsed) => {
+                servers::unreachable("Redis", &url, &elapsed);
+                None
+            }
         }
     }
 
-    impl Store for FileStore {
-        async fn claim(
-            &self,
-            key: &RecordKey,
-            fingerprint: Option<&Fingerprint>,
-            lease: Duration,
-        ) -> Result<Claim, Error> {
-            self.store.claim(key, fingerprint, lease).await
-        }
+    /// A `ConnectionManager` to the test server, or `None` (after saying so) without one.
+    pub async fn manager() -> Option<ConnectionManager> {
+        let client = client().await?;
+        Some(
+            ConnectionManager::new(client)
+                .await
+                .expect("a ConnectionManager to a server that answered PING"),
+        )
+    }
 
-        async fn complete(
-            &self,
-            key: &RecordKey,
-            lease: &Lease,
-            result: &[u8],
-            ttl: Duration,
-        ) -> Result<(), Error> {
-            self.store.complete(key, lease, result, ttl).await
-        }
+    /// A multiplexed connection to the test server, or `None` (after saying so) without one.
+    pub async fn multiplexed() -> Option<MultiplexedConnection> {
+        let client = client().await?;
+        Some(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("a multiplexed connection to a server that answered PING"),
+        )
+    }
 
-        async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
-            self.store.release(key, lease).await
-        }
+    /// Deletes every key under `<prefix>:` when dropped, also when the test panicked.
+    pub struct Cleanup {
+        /// The prefix.
+        pub prefix: String,
+    }
 
-        async fn extend(
-            &self,
-            key: &RecordKey,
-            lease: &Lease,
-            duration: Duration,
-        ) -> Result<Lease, Error> {
-            self.store.extend(key, lease, duration).await
+    impl Cleanup {
+        /// A fresh prefix.
+        pub fn fresh() -> Self {
+            Self {
+                prefix: servers::unique_name("idem_test"),
+            }
         }
+    }
 
-        async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
-            self.store.purge_expired(limit).await
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let delete = || -> redis::RedisResult<()> {
+                let client = redis::Client::open(url().as_str())?;
+                let mut connection = client.get_connection()?;
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(format!("{}:*", self.prefix))
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query(&mut connection)?;
+                    if !keys.is_empty() {
+                        redis::cmd("DEL").arg(keys).query::<()>(&mut connection)?;
+                    }
+                    if next == 0 {
+                        return Ok(());
+                    }
+                    cursor = next;
+                }
+            };
+            if let Err(error) = delete() {
+                eprintln!("could not delete the keys under {}: {error}", self.prefix);
+            }
         }
+    }
+
+    /// A store under a fresh prefix on `clock`, whose keys are deleted when it is dropped.
+    pub fn store<C>(connection: C, clock: impl Clock) -> Guarded<RedisStore<C>>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        let cleanup = Cleanup::fresh();
+        let store = RedisStore::new(connection)
+            .with_prefix(&cleanup.prefix)
+            .expect("a unique name is a valid prefix")
+            .with_clock(clock);
+        Guarded::new(store, cleanup)
     }
 }

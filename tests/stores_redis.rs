@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_runtime::clock::{Clock, ManualClock};
-use idem_runtime::redis::{DEFAULT_PREFIX, RedisStore};
+use idem_runtime::redis::{DEFAULT_PREFIX, IN_PROGRESS_GRACE, RedisStore};
 use idem_runtime::testing::START_MILLIS;
 use idem_runtime::{Claim, Error, Fingerprint, Lease, Policy, RecordKey, Store};
-use idem_tests::{OrderPaid, Runs, credit_points, servers};
+use idem_tests::redis_server::{self, Cleanup, client, manager, multiplexed, url};
+use idem_tests::{OrderPaid, Runs, credit_points};
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use tokio::sync::Barrier;
 
@@ -23,8 +24,8 @@ mod manager {
     use idem_runtime::clock::ManualClock;
 
     idem_runtime::conformance_tests!(optional |clock: ManualClock| async move {
-        let connection = super::manager().await?;
-        Some(super::TestStore::new(connection, clock))
+        let connection = idem_tests::redis_server::manager().await?;
+        Some(idem_tests::redis_server::store(connection, clock))
     });
 }
 
@@ -32,170 +33,14 @@ mod multiplexed {
     use idem_runtime::clock::ManualClock;
 
     idem_runtime::conformance_tests!(optional |clock: ManualClock| async move {
-        let connection = super::multiplexed().await?;
-        Some(super::TestStore::new(connection, clock))
+        let connection = idem_tests::redis_server::multiplexed().await?;
+        Some(idem_tests::redis_server::store(connection, clock))
     });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Connections and test stores
 // ---------------------------------------------------------------------------------------------
-
-fn url() -> String {
-    servers::url(servers::REDIS_VAR, servers::REDIS_DEFAULT)
-}
-
-/// A client for the test server, or `None` (after saying so) when it does not answer a PING.
-async fn client() -> Option<redis::Client> {
-    let url = url();
-    let client = match redis::Client::open(url.as_str()) {
-        Ok(client) => client,
-        Err(error) => {
-            servers::unreachable("Redis", &url, &error);
-            return None;
-        }
-    };
-    let ping = async {
-        let mut connection = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<()>(&mut connection).await
-    };
-    match tokio::time::timeout(Duration::from_secs(5), ping).await {
-        Ok(Ok(())) => Some(client),
-        Ok(Err(error)) => {
-            servers::unreachable("Redis", &url, &error);
-            None
-        }
-        Err(elapsed) => {
-            servers::unreachable("Redis", &url, &elapsed);
-            None
-        }
-    }
-}
-
-async fn manager() -> Option<ConnectionManager> {
-    let client = client().await?;
-    Some(
-        ConnectionManager::new(client)
-            .await
-            .expect("a ConnectionManager to a server that answered PING"),
-    )
-}
-
-async fn multiplexed() -> Option<MultiplexedConnection> {
-    let client = client().await?;
-    Some(
-        client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("a multiplexed connection to a server that answered PING"),
-    )
-}
-
-/// Deletes every key under `<prefix>:` when dropped, also when the test panicked.
-struct Cleanup {
-    prefix: String,
-}
-
-impl Cleanup {
-    fn new() -> Self {
-        Self {
-            prefix: servers::unique_name("idem_test"),
-        }
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let delete = || -> redis::RedisResult<()> {
-            let client = redis::Client::open(url().as_str())?;
-            let mut connection = client.get_connection()?;
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(format!("{}:*", self.prefix))
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query(&mut connection)?;
-                if !keys.is_empty() {
-                    redis::cmd("DEL").arg(keys).query::<()>(&mut connection)?;
-                }
-                if next == 0 {
-                    return Ok(());
-                }
-                cursor = next;
-            }
-        };
-        if let Err(error) = delete() {
-            eprintln!("could not delete the keys under {}: {error}", self.prefix);
-        }
-    }
-}
-
-/// A store under a fresh prefix on `clock`, whose keys are deleted when it is dropped.
-struct TestStore<C> {
-    store: RedisStore<C>,
-    _cleanup: Cleanup,
-}
-
-impl<C> TestStore<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
-    fn new(connection: C, clock: impl Clock) -> Self {
-        let cleanup = Cleanup::new();
-        let store = RedisStore::new(connection)
-            .with_prefix(&cleanup.prefix)
-            .expect("a unique name is a valid prefix")
-            .with_clock(clock);
-        Self {
-            store,
-            _cleanup: cleanup,
-        }
-    }
-}
-
-impl<C> Store for TestStore<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Option<&Fingerprint>,
-        lease: Duration,
-    ) -> Result<Claim, Error> {
-        self.store.claim(key, fingerprint, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        lease: &Lease,
-        result: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        self.store.complete(key, lease, result, ttl).await
-    }
-
-    async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
-        self.store.release(key, lease).await
-    }
-
-    async fn extend(
-        &self,
-        key: &RecordKey,
-        lease: &Lease,
-        duration: Duration,
-    ) -> Result<Lease, Error> {
-        self.store.extend(key, lease, duration).await
-    }
-
-    async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
-        self.store.purge_expired(limit).await
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -389,7 +234,7 @@ async fn redis_keys_have_one_well_formed_hash_tag_and_stay_distinct() {
     let Some(connection) = multiplexed().await else {
         return;
     };
-    let store = TestStore::new(connection, ManualClock::new(START_MILLIS));
+    let store = redis_server::store(connection, ManualClock::new(START_MILLIS));
     let prefix = store.store.prefix().to_owned();
 
     let documented = RedisStore::new(store.store.connection().clone())
@@ -486,16 +331,17 @@ async fn records_are_hashes_with_ttls_relative_to_the_store_clock() {
         return;
     };
     let clock = ManualClock::new(START_MILLIS);
-    let store = TestStore::new(connection.clone(), clock.clone());
+    let store = redis_server::store(connection.clone(), clock.clone());
     let fingerprint = Fingerprint::of("payload").expect("a string serializes");
     let held = key("held");
     let redis_key = store.store.redis_key(&held);
 
     let lease = acquire(&store, &held, Some(&fingerprint)).await;
     let ttl = pttl(&mut connection, &redis_key).await;
+    let grace = i64::try_from(IN_PROGRESS_GRACE.as_millis()).expect("grace in ms");
     assert!(
-        (25_000..=30_000).contains(&ttl),
-        "PTTL {ttl} after a 30 s claim"
+        (grace + 25_000..=grace + 30_000).contains(&ttl),
+        "PTTL {ttl} after a 30 s claim: the lease and the grace"
     );
     let stored = fields(&mut connection, &redis_key).await;
     let until = (START_MILLIS + 30_000).to_string().into_bytes();
@@ -519,7 +365,7 @@ async fn records_are_hashes_with_ttls_relative_to_the_store_clock() {
         .expect("extend");
     let ttl = pttl(&mut connection, &redis_key).await;
     assert!(
-        (115_000..=120_000).contains(&ttl),
+        (grace + 115_000..=grace + 120_000).contains(&ttl),
         "PTTL {ttl} after extending by 120 s"
     );
 
@@ -547,7 +393,7 @@ async fn records_are_hashes_with_ttls_relative_to_the_store_clock() {
     store.release(&released, &lease).await.expect("release");
     let ttl = pttl(&mut connection, &redis_key).await;
     assert!(
-        (25_000..=30_000).contains(&ttl),
+        (grace + 25_000..=grace + 30_000).contains(&ttl),
         "PTTL {ttl} after a release"
     );
     assert_eq!(
@@ -566,39 +412,67 @@ async fn records_are_hashes_with_ttls_relative_to_the_store_clock() {
     assert!(ttl == -2 || (0..=1).contains(&ttl), "PTTL {ttl}");
 }
 
-/// With the system clock Redis deletes the record when its lease or ttl has run out in real
-/// time: the next claim starts a new record at fence 1 and the old holder's lease is lost.
+/// With the system clock Redis deletes a completed record when its ttl has run out in real
+/// time (the next claim starts a new record at fence 1), and keeps an in-progress record for
+/// the grace after its lease: a slow holder nobody took over still completes, one that was
+/// taken over is fenced off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_expires_records_in_real_time() {
     let Some(mut connection) = multiplexed().await else {
         return;
     };
-    let cleanup = Cleanup::new();
+    let cleanup = Cleanup::fresh();
     let store = RedisStore::new(connection.clone())
         .with_prefix(&cleanup.prefix)
         .expect("a unique name is a valid prefix");
     let key = key("real-time");
     let short = Duration::from_millis(150);
 
-    let Claim::Acquired(old) = store.claim(&key, None, short).await.expect("claim") else {
+    // A holder that outlives its lease, with nobody taking the key over, still completes:
+    // Redis keeps the record for the grace after the lease.
+    let Claim::Acquired(slow) = store.claim(&key, None, short).await.expect("claim") else {
         panic!("a new key is acquired");
     };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    store
+        .complete(&key, &slow, STORED, short)
+        .await
+        .expect("a late complete without a takeover is recorded");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let exists: i64 = command(
         &mut connection,
         &[b"EXISTS", store.redis_key(&key).as_bytes()],
     )
     .await;
-    assert_eq!(exists, 0, "Redis deleted the record after its lease");
+    assert_eq!(
+        exists, 0,
+        "Redis deleted the completed record after its ttl"
+    );
+
+    // A holder whose lease ran out and was taken over is fenced off.
+    let Claim::Acquired(old) = store.claim(&key, None, short).await.expect("claim") else {
+        panic!("a deleted key is acquired");
+    };
+    assert_eq!(old.fence(), 1, "a record Redis deleted starts again at 1");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let Claim::Acquired(taker) = store.claim(&key, None, short).await.expect("claim") else {
+        panic!("a key whose lease ran out is taken over");
+    };
+    assert_eq!(taker.fence(), 2);
     match store.complete(&key, &old, b"late", TTL).await {
         Err(Error::LeaseLost { fence: 1, .. }) => {}
-        other => panic!("complete after Redis expired the record: {other:?}"),
+        other => panic!("complete after a takeover: {other:?}"),
     }
+    store.release(&key, &taker).await.expect("release");
 
     let Claim::Acquired(new) = store.claim(&key, None, LEASE).await.expect("claim") else {
-        panic!("an expired key is acquired");
+        panic!("a released key is acquired");
     };
-    assert_eq!(new.fence(), 1, "a record Redis deleted starts again at 1");
+    assert_eq!(
+        new.fence(),
+        3,
+        "a released record is kept and its fence rises"
+    );
     store
         .complete(&key, &new, STORED, short)
         .await
@@ -625,7 +499,7 @@ async fn claimers_on_8_connections_acquire_once() {
     let Some(client) = client().await else {
         return;
     };
-    let cleanup = Cleanup::new();
+    let cleanup = Cleanup::fresh();
     let mut stores: Vec<Arc<dyn DynClaim>> = Vec::new();
     for i in 0..8 {
         if i % 2 == 0 {
@@ -750,7 +624,7 @@ async fn connect_manager_and_multiplexed_connection_share_records() {
     let (Some(manager), Some(multiplexed)) = (manager().await, multiplexed().await) else {
         return;
     };
-    let cleanup = Cleanup::new();
+    let cleanup = Cleanup::fresh();
     let connected = RedisStore::connect(&url())
         .await
         .expect("connect")
@@ -802,7 +676,7 @@ async fn purge_stays_inside_its_prefix_and_counts_exactly_across_scan_pages() {
     let Some(mut connection) = multiplexed().await else {
         return;
     };
-    let cleanup = Cleanup::new();
+    let cleanup = Cleanup::fresh();
     let clock = ManualClock::new(START_MILLIS);
     let store = |prefix: &str| {
         RedisStore::new(connection.clone())
@@ -880,7 +754,7 @@ async fn hand_edited_fields_are_decode_errors() {
     let Some(mut connection) = multiplexed().await else {
         return;
     };
-    let store = TestStore::new(connection.clone(), ManualClock::new(START_MILLIS));
+    let store = redis_server::store(connection.clone(), ManualClock::new(START_MILLIS));
     let cases: &[(&str, &[&[u8]], &str)] = &[
         ("fence-text", &[b"HSET", b"fence", b"abc"], "fence"),
         ("fence-zero", &[b"HSET", b"fence", b"0"], "fence"),
@@ -961,7 +835,7 @@ async fn key_of_the_wrong_type_is_a_decode_error() {
     let Some(mut connection) = multiplexed().await else {
         return;
     };
-    let store = TestStore::new(connection.clone(), ManualClock::new(START_MILLIS));
+    let store = redis_server::store(connection.clone(), ManualClock::new(START_MILLIS));
     let writes: [(&str, &[&[u8]]); 3] = [
         ("string", &[b"SET", b"x"]),
         ("list", &[b"RPUSH", b"a", b"b"]),
@@ -1015,7 +889,7 @@ async fn short_fingerprint_is_a_decode_error_when_compared() {
     let Some(mut connection) = multiplexed().await else {
         return;
     };
-    let store = TestStore::new(connection.clone(), ManualClock::new(START_MILLIS));
+    let store = redis_server::store(connection.clone(), ManualClock::new(START_MILLIS));
     let fingerprint = Fingerprint::of("payload").expect("a string serializes");
     let (key, _) = completed_key(&store, "fingerprint-1-byte", Some(&fingerprint)).await;
     let redis_key = store.store.redis_key(&key);
@@ -1044,7 +918,7 @@ async fn garbage_result_is_replayed_raw_and_fails_to_decode_in_run() {
     let Some(mut connection) = multiplexed().await else {
         return;
     };
-    let store = TestStore::new(connection.clone(), ManualClock::new(START_MILLIS));
+    let store = redis_server::store(connection.clone(), ManualClock::new(START_MILLIS));
     let (key, _) = completed_key(&store, "garbage-result", None).await;
     let redis_key = store.store.redis_key(&key);
     command::<()>(
@@ -1078,7 +952,7 @@ async fn duplicate_delivery_replays_through_a_handler() {
     let Some(connection) = manager().await else {
         return;
     };
-    let store = TestStore::new(connection, idem_runtime::clock::SystemClock);
+    let store = redis_server::store(connection, idem_runtime::clock::SystemClock);
     let runs = Runs::default();
     let first = credit_points(&store, &runs, OrderPaid::new("A-1001", 250))
         .await
@@ -1098,7 +972,7 @@ async fn endless_leases_and_ttls_are_clamped() {
         return;
     };
     let clock = ManualClock::new(START_MILLIS);
-    let store = TestStore::new(connection.clone(), clock.clone());
+    let store = redis_server::store(connection.clone(), clock.clone());
     let key = key("endless");
     let Claim::Acquired(lease) = store.claim(&key, None, Duration::MAX).await.expect("claim")
     else {

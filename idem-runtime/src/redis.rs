@@ -20,8 +20,9 @@
 //! | `result` | the stored result, once completed |
 //!
 //! Times come from the store's [`Clock`] and are passed to the scripts, never read from the
-//! server. Redis deletes a record by itself after a relative `PEXPIRE` of `expires_at - now`;
-//! the scripts also treat a record whose `lease_until` (in progress) or `expires_at`
+//! server. Redis deletes a completed record by itself after a relative `PEXPIRE` of
+//! `expires_at - now`, and an in-progress one [`IN_PROGRESS_GRACE`] after its lease; the
+//! scripts also treat a record whose `lease_until` (in progress) or `expires_at`
 //! (completed) has passed by the store's clock as free to claim, so the store clock decides,
 //! even when it is far from the server's.
 //!
@@ -32,12 +33,13 @@
 //!
 //! * **claim** — reads the hash; a live record answers in progress, completed or mismatch;
 //!   no record, or a dead one (lease or ttl passed, or released), is replaced by a new
-//!   in-progress record with `fence + 1` (1 for a new key) and `PEXPIRE <lease>`.
+//!   in-progress record with `fence + 1` (1 for a new key) and `PEXPIRE <lease + grace>`.
 //! * **complete** — if `owner` and `fence` match and `completed` is 0: sets `completed`,
 //!   `result` and `expires_at` and `PEXPIRE <ttl>`; otherwise [`Error::LeaseLost`].
 //! * **release** — same guard: sets `lease_until` and `expires_at` to now (the record stays
 //!   until its lease would have run out in Redis, so the next holder's fence rises).
-//! * **extend** — same guard: moves `lease_until` and `expires_at` and `PEXPIRE <duration>`.
+//! * **extend** — same guard: moves `lease_until` and `expires_at` and
+//!   `PEXPIRE <duration + grace>`.
 //! * **`purge_expired`** — `SCAN <prefix>:{* COUNT 1000` and one script per batch of keys that
 //!   deletes the hashes whose `expires_at` has passed, up to the limit: two round trips per
 //!   batch. With the system clock Redis expires records itself, so purging is optional; it
@@ -45,10 +47,10 @@
 //!   honest in tests. `SCAN` visits the node the connection talks to only, and a script may
 //!   touch one slot only in Redis Cluster: there, leave expiry to Redis and run no sweeper.
 //!
-//! A record is gone once Redis expires it. The next claim then starts again at fence 1 and a
-//! holder whose lease ran out in real time can no longer complete ([`Error::LeaseLost`]), as
-//! after a purge in the SQL stores: its result is not recorded and the next delivery runs the
-//! body again.
+//! A record is gone once Redis expires it. The next claim then starts again at fence 1, and a
+//! holder that outlived its lease by more than [`IN_PROGRESS_GRACE`] can no longer complete
+//! ([`Error::LeaseLost`]), as after a purge in the SQL stores: its result is not recorded and
+//! the next delivery runs the body again.
 //!
 //! A key that holds something other than a hash (`WRONGTYPE`) or a hash with a missing or
 //! unreadable field is reported as [`Error::Decode`]; `purge_expired` skips it.
@@ -100,6 +102,12 @@ pub const DEFAULT_PREFIX: &str = "idem";
 /// The largest time the scripts store and compare exactly (Lua numbers are doubles):
 /// 2^53 - 1 ms, in the year 287396. Deadlines beyond it are stored as it.
 const MAX_MILLIS: i64 = (1 << 53) - 1;
+
+/// How long Redis keeps an in-progress record after its lease: a holder that outlives its
+/// lease can still complete while nobody has taken the key over (as in the SQL stores), and an
+/// abandoned claim is gone this long after its lease. Takeover does not wait for it: the
+/// scripts compare the lease itself.
+pub const IN_PROGRESS_GRACE: Duration = Duration::from_secs(10 * 60);
 
 /// How many keys one `SCAN` of a purge asks for.
 const SCAN_COUNT: u32 = 1000;
@@ -413,7 +421,7 @@ where
                     now.to_string().as_bytes(),
                     owner.as_bytes(),
                     until.to_string().as_bytes(),
-                    pexpire(now, until).to_string().as_bytes(),
+                    held_pexpire(now, until).to_string().as_bytes(),
                     fingerprint.map_or(&[][..], |f| f.as_bytes().as_slice()),
                 ],
             )
@@ -482,7 +490,7 @@ where
             &SCRIPTS.extend,
             &[
                 until.to_string().as_bytes(),
-                pexpire(now, until).to_string().as_bytes(),
+                held_pexpire(now, until).to_string().as_bytes(),
             ],
         )
         .await?;
@@ -561,6 +569,14 @@ fn deadline(now: i64, duration: Duration) -> i64 {
 /// The relative Redis TTL for a record that expires at `until`: at least 1 ms.
 fn pexpire(now: i64, until: i64) -> i64 {
     until.saturating_sub(now).clamp(1, MAX_MILLIS)
+}
+
+/// The relative Redis TTL for an in-progress record whose lease runs to `until`: the lease
+/// plus [`IN_PROGRESS_GRACE`].
+fn held_pexpire(now: i64, until: i64) -> i64 {
+    pexpire(now, until)
+        .saturating_add(clock::duration_millis(IN_PROGRESS_GRACE))
+        .min(MAX_MILLIS)
 }
 
 fn tag(reply: &[Value]) -> Option<&[u8]> {
