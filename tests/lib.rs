@@ -399,3 +399,114 @@ pub mod redis_server {
         Guarded::new(store, cleanup)
     }
 }
+
+/// The SQL servers of the tests: pools, and stores on a fresh table each.
+pub mod sql_servers {
+    use std::time::Duration;
+
+    use idem_runtime::clock::Clock;
+    use idem_runtime::postgres::PostgresStore;
+    use sqlx::postgres::{PgPool, PgPoolOptions};
+    use sqlx::{AssertSqlSafe, Connection};
+
+    use crate::{Guarded, servers};
+
+    /// Connections per test pool: enough for claimers to race on separate connections.
+    pub const POOL_SIZE: u32 = 16;
+
+    /// The PostgreSQL URL of the tests.
+    pub fn postgres_url() -> String {
+        servers::url(servers::POSTGRES_VAR, servers::POSTGRES_DEFAULT)
+    }
+
+    /// A pool of [`POOL_SIZE`] connections to the test PostgreSQL, or `None` (after saying so)
+    /// when it cannot be reached.
+    pub async fn postgres_pool() -> Option<PgPool> {
+        let url = postgres_url();
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&url);
+        match tokio::time::timeout(Duration::from_secs(15), pool).await {
+            Ok(Ok(pool)) => Some(pool),
+            Ok(Err(error)) => {
+                servers::unreachable("PostgreSQL", &url, &error);
+                None
+            }
+            Err(elapsed) => {
+                servers::unreachable("PostgreSQL", &url, &elapsed);
+                None
+            }
+        }
+    }
+
+    /// A migrated store on a fresh table of `pool` on `clock`; the table is dropped with it.
+    pub async fn postgres_store(pool: PgPool, clock: impl Clock) -> Guarded<PostgresStore> {
+        let table = servers::unique_name("idem_test");
+        let store = PostgresStore::new(pool)
+            .with_table(&table)
+            .expect("a unique name is a valid table name")
+            .with_clock(clock);
+        let guard = DropTable {
+            server: Server::Postgres,
+            table,
+        };
+        store.migrate().await.expect("create the test table");
+        Guarded::new(store, guard)
+    }
+
+    /// Which server a table lives on.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Server {
+        /// PostgreSQL at [`postgres_url`].
+        Postgres,
+    }
+
+    /// Drops a test table when dropped, also when the test panicked.
+    #[derive(Debug)]
+    pub struct DropTable {
+        /// Where the table is.
+        pub server: Server,
+        /// The table.
+        pub table: String,
+    }
+
+    impl DropTable {
+        async fn drop_table(server: Server, table: &str) -> Result<(), sqlx::Error> {
+            // `table` comes from `servers::unique_name`: letters, digits and `_` only.
+            let statement = AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}"));
+            match server {
+                Server::Postgres => {
+                    let mut connection = sqlx::PgConnection::connect(&postgres_url()).await?;
+                    sqlx::raw_sql(statement).execute(&mut connection).await?;
+                    connection.close().await
+                }
+            }
+        }
+    }
+
+    impl Drop for DropTable {
+        fn drop(&mut self) {
+            let (server, table) = (self.server, self.table.clone());
+            // A runtime of its own on a thread of its own: the test's runtime may be gone or
+            // be the one calling this destructor.
+            let dropped = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|error| error.to_string())?;
+                runtime
+                    .block_on(Self::drop_table(server, &table))
+                    .map_err(|error| error.to_string())
+            })
+            .join();
+            match dropped {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    eprintln!("could not drop the test table {}: {error}", self.table)
+                }
+                Err(_) => eprintln!("dropping the test table {} panicked", self.table),
+            }
+        }
+    }
+}

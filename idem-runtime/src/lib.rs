@@ -71,6 +71,8 @@ mod handler;
 mod key;
 mod memory;
 mod name;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod record;
 mod store;
 mod sweeper;
 

@@ -1,1 +1,366 @@
-//! The postgres store (being written).
+//! A store in a PostgreSQL table, over sqlx.
+//!
+//! One table, `idem_records` (see `sql/postgres.sql` in the crate, or run
+//! [`PostgresStore::migrate`]). Times are milliseconds since the Unix epoch by the store's
+//! [`Clock`], bound as parameters: the database's own clock is never read.
+//!
+//! # Statements and round trips
+//!
+//! * **claim** — one statement: `INSERT … ON CONFLICT (scope, business_key) DO UPDATE … WHERE
+//!   <lease or ttl passed> RETURNING fence` inserts the record, takes over a dead one (raising
+//!   the fence), or changes nothing; in the same statement a `UNION ALL` reads the record it
+//!   did not take. One round trip in every case but one: under `READ COMMITTED` the read sees
+//!   the statement's snapshot, so a record inserted by a concurrent claim that committed after
+//!   the statement began (the `INSERT` waited for it) is invisible to it. Then the statement
+//!   returns nothing and a plain read follows (a second round trip), and if the record is
+//!   gone by then the claim runs again.
+//! * **complete**, **release**, **extend** — one `UPDATE` each, conditional on the owner token,
+//!   the fence and the record still being in progress: zero rows is [`Error::LeaseLost`].
+//! * **purge_expired** — one `DELETE … WHERE ctid IN (SELECT ctid … WHERE expires_at <= now
+//!   LIMIT n FOR UPDATE SKIP LOCKED)`: bounded, and it never waits for a row another call is
+//!   changing.
+//!
+//! A new key therefore costs two round trips (claim, complete) and a replay one.
+//!
+//! # What survives a restart
+//!
+//! Everything committed: each operation is its own transaction and PostgreSQL writes it to
+//! its WAL before answering. With `synchronous_commit = off` a crash of the server can lose the
+//! last completions it acknowledged (a redelivery then runs the body again); with asynchronous
+//! streaming replication a failover can lose them too. Keep `synchronous_commit` on (the
+//! default), and use synchronous replication if failover must not lose them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::clock::{self, Clock, SystemClock};
+use crate::name;
+use crate::record::{CLAIM_ATTEMPTS, Found, decode_error, fence_param, stored_fence};
+use crate::store::{Claim, Lease, Store, lease_lost, new_owner};
+use crate::{Error, Fingerprint, RecordKey, StoreError};
+
+const BACKEND: &str = "postgres";
+
+/// The schema for the default table: `CREATE TABLE IF NOT EXISTS idem_records …` and its
+/// expiry index (the file `sql/postgres.sql` of this crate).
+pub const SCHEMA: &str = include_str!("../sql/postgres.sql");
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "idem_records";
+
+/// The advisory lock [`PostgresStore::migrate`] holds while it creates tables, so that many
+/// processes can migrate at once (`CREATE TABLE IF NOT EXISTS` alone races in PostgreSQL).
+pub const MIGRATION_LOCK: i64 = 0x6964_656d_6d69_6772; // "idemmigr"
+
+/// The statements of one table, built once from its checked name.
+#[derive(Debug)]
+struct Statements {
+    migrate: Arc<str>,
+    claim: Arc<str>,
+    read: Arc<str>,
+    complete: Arc<str>,
+    release: Arc<str>,
+    extend: Arc<str>,
+    purge: Arc<str>,
+}
+
+impl Statements {
+    /// `table` must have passed `name::sql_identifier`.
+    fn new(table: &str) -> Self {
+        let schema = SCHEMA.replace(DEFAULT_TABLE, table);
+        Self {
+            migrate: format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK});\n{schema}").into(),
+            claim: format!(
+                "WITH claimed AS (
+    INSERT INTO {table} AS r
+        (scope, business_key, completed, owner, fence, lease_until, expires_at, fingerprint, result)
+    VALUES ($1, $2, FALSE, $3, 1, $4, $4, $5, NULL)
+    ON CONFLICT (scope, business_key) DO UPDATE SET
+        completed = FALSE,
+        owner = EXCLUDED.owner,
+        fence = r.fence + 1,
+        lease_until = EXCLUDED.lease_until,
+        expires_at = EXCLUDED.expires_at,
+        fingerprint = EXCLUDED.fingerprint,
+        result = NULL
+    WHERE CASE WHEN r.completed THEN r.expires_at <= $6 ELSE r.lease_until <= $6 END
+    RETURNING r.fence
+)
+SELECT TRUE AS acquired, fence, NULL::BOOLEAN AS completed, NULL::BIGINT AS lease_until,
+       NULL::BIGINT AS expires_at, NULL::BYTEA AS fingerprint, NULL::BYTEA AS result
+FROM claimed
+UNION ALL
+SELECT FALSE, fence, completed, lease_until, expires_at, fingerprint, result
+FROM {table}
+WHERE scope = $1 AND business_key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)"
+            )
+            .into(),
+            read: format!(
+                "SELECT FALSE AS acquired, fence, completed, lease_until, expires_at, fingerprint, result
+FROM {table} WHERE scope = $1 AND business_key = $2"
+            )
+            .into(),
+            complete: format!(
+                "UPDATE {table} SET completed = TRUE, result = $1, expires_at = $2
+WHERE scope = $3 AND business_key = $4 AND owner = $5 AND fence = $6 AND NOT completed"
+            )
+            .into(),
+            release: format!(
+                "UPDATE {table} SET lease_until = $1, expires_at = $1
+WHERE scope = $2 AND business_key = $3 AND owner = $4 AND fence = $5 AND NOT completed"
+            )
+            .into(),
+            extend: format!(
+                "UPDATE {table} SET lease_until = $1, expires_at = $1
+WHERE scope = $2 AND business_key = $3 AND owner = $4 AND fence = $5 AND NOT completed"
+            )
+            .into(),
+            purge: format!(
+                "DELETE FROM {table} WHERE ctid IN (
+    SELECT ctid FROM {table} WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)"
+            )
+            .into(),
+        }
+    }
+}
+
+fn sql(statement: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
+    // Built from a checked identifier and fixed text; every value is bound.
+    AssertSqlSafe(statement.clone())
+}
+
+/// A store in a PostgreSQL table.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use idem_runtime::postgres::PostgresStore;
+///
+/// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/app").await?;
+/// let store = PostgresStore::new(pool);
+/// store.migrate().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    pool: PgPool,
+    clock: Arc<dyn Clock>,
+    table: Arc<str>,
+    statements: Arc<Statements>,
+}
+
+impl PostgresStore {
+    /// A store on a pool the application already has. Run [`PostgresStore::migrate`] once
+    /// before use (or apply [`SCHEMA`] with your own migrations).
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            clock: Arc::new(SystemClock),
+            table: DEFAULT_TABLE.into(),
+            statements: Arc::new(Statements::new(DEFAULT_TABLE)),
+        }
+    }
+
+    /// The same store on the table `table` instead of `idem_records` (in the connection's
+    /// `search_path`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] unless `table` is a plain identifier (ASCII letter or `_`, then
+    /// letters, digits or `_`, at most 63 bytes); it is never quoted or pasted unchecked.
+    pub fn with_table(mut self, table: &str) -> Result<Self, Error> {
+        name::sql_identifier("table name", table)?;
+        self.table = table.into();
+        self.statements = Arc::new(Statements::new(table));
+        Ok(self)
+    }
+
+    /// The table the records live in.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The same store on another clock (a [`ManualClock`](crate::clock::ManualClock) in tests).
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Creates the table and its index if they do not exist. Safe to run many times and from
+    /// many processes at once: it holds the advisory lock [`MIGRATION_LOCK`] while it runs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] if the statements fail.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        // One simple query: its statements run in one transaction, which holds the lock.
+        sqlx::raw_sql(sql(&self.statements.migrate))
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    /// The pool the store runs on.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn try_claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Option<Claim>, Error> {
+        let now = self.clock.now_millis();
+        let until = clock::deadline(now, lease);
+        let owner = new_owner();
+        let row = sqlx::query(sql(&self.statements.claim))
+            .bind(key.scope())
+            .bind(key.key())
+            .bind(&owner)
+            .bind(until)
+            .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error)?;
+        let row = match row {
+            Some(row) => row,
+            // The record was inserted by a claim that committed after this statement's
+            // snapshot: read it with a fresh one.
+            None => match sqlx::query(sql(&self.statements.read))
+                .bind(key.scope())
+                .bind(key.key())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(store_error)?
+            {
+                Some(row) => row,
+                None => return Ok(None), // purged since: claim again
+            },
+        };
+        let corrupt = |source: sqlx::Error| decode_error(key, source);
+        let acquired: bool = row.try_get("acquired").map_err(corrupt)?;
+        let fence = stored_fence(key, row.try_get("fence").map_err(corrupt)?)?;
+        if acquired {
+            return Ok(Some(Claim::Acquired(Lease::new(owner, fence, until))));
+        }
+        found(key, &row)?.answer(key, now, fingerprint)
+    }
+
+    async fn update_held(
+        &self,
+        statement: &Arc<str>,
+        first: i64,
+        key: &RecordKey,
+        lease: &Lease,
+    ) -> Result<(), Error> {
+        let done = sqlx::query(sql(statement))
+            .bind(first)
+            .bind(key.scope())
+            .bind(key.key())
+            .bind(lease.owner())
+            .bind(fence_param(key, lease)?)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        if done.rows_affected() == 0 {
+            return Err(lease_lost(key, lease));
+        }
+        Ok(())
+    }
+}
+
+/// The record a claim did not take.
+fn found(key: &RecordKey, row: &PgRow) -> Result<Found, Error> {
+    let corrupt = |source: sqlx::Error| decode_error(key, source);
+    Ok(Found {
+        completed: row.try_get("completed").map_err(corrupt)?,
+        lease_until: row.try_get("lease_until").map_err(corrupt)?,
+        expires_at: row.try_get("expires_at").map_err(corrupt)?,
+        fingerprint: row.try_get("fingerprint").map_err(corrupt)?,
+        result: row.try_get("result").map_err(corrupt)?,
+    })
+}
+
+impl Store for PostgresStore {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, Error> {
+        for _ in 0..CLAIM_ATTEMPTS {
+            if let Some(claim) = self.try_claim(key, fingerprint, lease).await? {
+                return Ok(claim);
+            }
+        }
+        Err(store_error(format!(
+            "the record for {key} kept changing during {CLAIM_ATTEMPTS} claim attempts"
+        )))
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        lease: &Lease,
+        result: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let expires_at = clock::deadline(self.clock.now_millis(), ttl);
+        let done = sqlx::query(sql(&self.statements.complete))
+            .bind(result)
+            .bind(expires_at)
+            .bind(key.scope())
+            .bind(key.key())
+            .bind(lease.owner())
+            .bind(fence_param(key, lease)?)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        if done.rows_affected() == 0 {
+            return Err(lease_lost(key, lease));
+        }
+        Ok(())
+    }
+
+    async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
+        self.update_held(
+            &self.statements.release,
+            self.clock.now_millis(),
+            key,
+            lease,
+        )
+        .await
+    }
+
+    async fn extend(
+        &self,
+        key: &RecordKey,
+        lease: &Lease,
+        duration: Duration,
+    ) -> Result<Lease, Error> {
+        let until = clock::deadline(self.clock.now_millis(), duration);
+        self.update_held(&self.statements.extend, until, key, lease)
+            .await?;
+        Ok(Lease::new(lease.owner().to_owned(), lease.fence(), until))
+    }
+
+    async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
+        let done = sqlx::query(sql(&self.statements.purge))
+            .bind(self.clock.now_millis())
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(done.rows_affected())
+    }
+}
+
+fn store_error(source: impl Into<crate::BoxError>) -> Error {
+    Error::Store(StoreError::new(BACKEND, source))
+}

@@ -20,6 +20,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use crate::clock::{self, Clock, SystemClock};
 use crate::name;
+use crate::record::{CLAIM_ATTEMPTS, Found, decode_error, fence_param, stored_fence};
 use crate::store::{Claim, Lease, Store, lease_lost, new_owner};
 use crate::{Error, Fingerprint, RecordKey, StoreError};
 
@@ -100,10 +101,6 @@ fn sql(statement: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
     // Built from a checked identifier and fixed text; every value is bound.
     AssertSqlSafe(statement.clone())
 }
-
-/// How many times a claim is retried when the record it found vanished or expired between
-/// the claim statement and the read that follows it.
-const CLAIM_ATTEMPTS: usize = 8;
 
 /// A store in a SQLite database.
 ///
@@ -237,7 +234,8 @@ impl SqliteStore {
             .await
             .map_err(store_error)?;
         if let Some(row) = claimed {
-            let fence = decode_fence(key, row.try_get::<i64, _>(0))?;
+            let fence = row.try_get(0).map_err(|source| decode_error(key, source))?;
+            let fence = stored_fence(key, fence)?;
             return Ok(Some(Claim::Acquired(Lease::new(owner, fence, until))));
         }
 
@@ -250,38 +248,20 @@ impl SqliteStore {
         else {
             return Ok(None); // purged since: claim again
         };
-        let corrupt = |source: sqlx::Error| corrupt(key, source);
-        let completed: i64 = row.try_get(0).map_err(corrupt)?;
-        let lease_until: i64 = row.try_get(1).map_err(corrupt)?;
-        let expires_at: i64 = row.try_get(2).map_err(corrupt)?;
-        let stored_fingerprint: Option<Vec<u8>> = row.try_get(3).map_err(corrupt)?;
-        let completed = match completed {
+        let corrupt = |source: sqlx::Error| decode_error(key, source);
+        let completed = match row.try_get::<i64, _>(0).map_err(corrupt)? {
             0 => false,
             1 => true,
             other => return Err(decode_error(key, format!("`completed` is {other}"))),
         };
-        let live_until = if completed { expires_at } else { lease_until };
-        if live_until <= now {
-            return Ok(None); // expired since: claim again
+        Found {
+            completed,
+            lease_until: row.try_get(1).map_err(corrupt)?,
+            expires_at: row.try_get(2).map_err(corrupt)?,
+            fingerprint: row.try_get(3).map_err(corrupt)?,
+            result: row.try_get(4).map_err(corrupt)?,
         }
-        if let (Some(stored), Some(given)) = (stored_fingerprint, fingerprint) {
-            let stored = <[u8; 32]>::try_from(stored.as_slice()).map_err(|_| {
-                decode_error(key, format!("`fingerprint` has {} bytes", stored.len()))
-            })?;
-            if Fingerprint::from_bytes(stored) != *given {
-                return Ok(Some(Claim::Mismatch));
-            }
-        }
-        if completed {
-            let result: Option<Vec<u8>> = row.try_get(4).map_err(corrupt)?;
-            let result =
-                result.ok_or_else(|| decode_error(key, "a completed record has no result"))?;
-            Ok(Some(Claim::Completed(result)))
-        } else {
-            Ok(Some(Claim::InProgress {
-                retry_after: clock::remaining(now, lease_until),
-            }))
-        }
+        .answer(key, now, fingerprint)
     }
 
     async fn update_held(
@@ -291,7 +271,7 @@ impl SqliteStore {
         key: &RecordKey,
         lease: &Lease,
     ) -> Result<(), Error> {
-        let fence = i64::try_from(lease.fence()).map_err(|_| lease_lost(key, lease))?;
+        let fence = fence_param(key, lease)?;
         let done = sqlx::query(sql(statement))
             .bind(first)
             .bind(key.scope())
@@ -333,7 +313,7 @@ impl Store for SqliteStore {
         ttl: Duration,
     ) -> Result<(), Error> {
         let expires_at = clock::deadline(self.clock.now_millis(), ttl);
-        let fence = i64::try_from(lease.fence()).map_err(|_| lease_lost(key, lease))?;
+        let fence = fence_param(key, lease)?;
         let done = sqlx::query(sql(&self.statements.complete))
             .bind(result)
             .bind(expires_at)
@@ -385,21 +365,4 @@ impl Store for SqliteStore {
 
 fn store_error(source: impl Into<crate::BoxError>) -> Error {
     Error::Store(StoreError::new(BACKEND, source))
-}
-
-fn decode_error(key: &RecordKey, reason: impl Into<crate::BoxError>) -> Error {
-    Error::Decode {
-        scope: key.scope().to_owned(),
-        key: key.key().to_owned(),
-        source: reason.into(),
-    }
-}
-
-fn corrupt(key: &RecordKey, source: sqlx::Error) -> Error {
-    decode_error(key, source)
-}
-
-fn decode_fence(key: &RecordKey, fence: Result<i64, sqlx::Error>) -> Result<u64, Error> {
-    let fence = fence.map_err(|source| corrupt(key, source))?;
-    u64::try_from(fence).map_err(|_| decode_error(key, format!("`fence` is {fence}")))
 }
