@@ -973,6 +973,11 @@ store_module!(sqlite_file, |clock| Some(
 ));
 
 // The servers: skipped when absent, unless IDEM_REQUIRE_SERVERS=1 (scripts/test.sh).
+store_module!(postgres, |clock| {
+    let pool = idem_tests::sql_servers::postgres_pool().await?;
+    Some(idem_tests::sql_servers::postgres_store(pool, clock).await)
+});
+
 store_module!(redis, |clock| {
     let connection = idem_tests::redis_server::manager().await?;
     Some(idem_tests::redis_server::store(connection, clock))
