@@ -405,9 +405,11 @@ pub mod sql_servers {
     use std::time::Duration;
 
     use idem_runtime::clock::Clock;
+    use idem_runtime::mysql::MySqlStore;
     use idem_runtime::postgres::PostgresStore;
+    use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
     use sqlx::postgres::{PgPool, PgPoolOptions};
-    use sqlx::{AssertSqlSafe, Connection};
+    use sqlx::{AssertSqlSafe, Connection, Database, Pool};
 
     use crate::{Guarded, servers};
 
@@ -422,19 +424,37 @@ pub mod sql_servers {
     /// A pool of [`POOL_SIZE`] connections to the test PostgreSQL, or `None` (after saying so)
     /// when it cannot be reached.
     pub async fn postgres_pool() -> Option<PgPool> {
-        let url = postgres_url();
-        let pool = PgPoolOptions::new()
+        pool("PostgreSQL", &postgres_url(), PgPoolOptions::new()).await
+    }
+
+    /// The MySQL / MariaDB URL of the tests.
+    pub fn mysql_url() -> String {
+        servers::url(servers::MYSQL_VAR, servers::MYSQL_DEFAULT)
+    }
+
+    /// A pool of [`POOL_SIZE`] connections to the test MariaDB, or `None` (after saying so)
+    /// when it cannot be reached.
+    pub async fn mysql_pool() -> Option<MySqlPool> {
+        pool("MariaDB", &mysql_url(), MySqlPoolOptions::new()).await
+    }
+
+    async fn pool<DB: Database>(
+        server: &str,
+        url: &str,
+        options: sqlx::pool::PoolOptions<DB>,
+    ) -> Option<Pool<DB>> {
+        let pool = options
             .max_connections(POOL_SIZE)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(&url);
+            .connect(url);
         match tokio::time::timeout(Duration::from_secs(15), pool).await {
             Ok(Ok(pool)) => Some(pool),
             Ok(Err(error)) => {
-                servers::unreachable("PostgreSQL", &url, &error);
+                servers::unreachable(server, url, &error);
                 None
             }
             Err(elapsed) => {
-                servers::unreachable("PostgreSQL", &url, &elapsed);
+                servers::unreachable(server, url, &elapsed);
                 None
             }
         }
@@ -455,11 +475,28 @@ pub mod sql_servers {
         Guarded::new(store, guard)
     }
 
+    /// A migrated store on a fresh table of `pool` on `clock`; the table is dropped with it.
+    pub async fn mysql_store(pool: MySqlPool, clock: impl Clock) -> Guarded<MySqlStore> {
+        let table = servers::unique_name("idem_test");
+        let store = MySqlStore::new(pool)
+            .with_table(&table)
+            .expect("a unique name is a valid table name")
+            .with_clock(clock);
+        let guard = DropTable {
+            server: Server::Mysql,
+            table,
+        };
+        store.migrate().await.expect("create the test table");
+        Guarded::new(store, guard)
+    }
+
     /// Which server a table lives on.
     #[derive(Clone, Copy, Debug)]
     pub enum Server {
         /// PostgreSQL at [`postgres_url`].
         Postgres,
+        /// MySQL / MariaDB at [`mysql_url`].
+        Mysql,
     }
 
     /// Drops a test table when dropped, also when the test panicked.
@@ -478,6 +515,11 @@ pub mod sql_servers {
             match server {
                 Server::Postgres => {
                     let mut connection = sqlx::PgConnection::connect(&postgres_url()).await?;
+                    sqlx::raw_sql(statement).execute(&mut connection).await?;
+                    connection.close().await
+                }
+                Server::Mysql => {
+                    let mut connection = sqlx::MySqlConnection::connect(&mysql_url()).await?;
                     sqlx::raw_sql(statement).execute(&mut connection).await?;
                     connection.close().await
                 }
@@ -508,5 +550,118 @@ pub mod sql_servers {
                 Err(_) => eprintln!("dropping the test table {} panicked", self.table),
             }
         }
+    }
+}
+
+/// Checks that every store's own tests make, written once.
+pub mod checks {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use idem_runtime::{Claim, Error, Fingerprint, Policy, RecordKey, Store};
+    use tokio::sync::Barrier;
+
+    /// The lease the checks claim with.
+    pub const LEASE: Duration = Duration::from_secs(30);
+    /// The ttl the checks complete with.
+    pub const TTL: Duration = Duration::from_secs(3600);
+    /// The result the checks complete with.
+    pub const STORED: &[u8] = br#"{"points":25}"#;
+
+    /// Claims `key` and completes it with [`STORED`].
+    pub async fn complete_key<S: Store + ?Sized>(
+        store: &S,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+    ) {
+        let Claim::Acquired(lease) = store.claim(key, fingerprint, LEASE).await.expect("claim")
+        else {
+            panic!("{key} is new and must be acquired");
+        };
+        store
+            .complete(key, &lease, STORED, TTL)
+            .await
+            .expect("complete");
+    }
+
+    /// Asserts a decode error for `expected_key` whose reason mentions `mentions`.
+    #[track_caller]
+    pub fn assert_decode_error(
+        result: Result<Claim, Error>,
+        expected_key: &RecordKey,
+        mentions: &str,
+    ) {
+        match result {
+            Err(Error::Decode { scope, key, source })
+                if scope == expected_key.scope() && key == expected_key.key() =>
+            {
+                let reason = source.to_string();
+                assert!(
+                    reason.contains(mentions),
+                    "the decode error for {expected_key} should name `{mentions}`: {reason}"
+                );
+            }
+            other => panic!("expected Err(Decode) for {expected_key}, got {other:?}"),
+        }
+    }
+
+    /// 64 claimers of one key at once, spread over `stores` (each on its own pool, as separate
+    /// processes would be), in 5 rounds: exactly one acquires, with fence 1; the others see
+    /// the key in progress.
+    pub async fn one_of_64_claimers_acquires<S: Store + 'static>(stores: &[Arc<S>]) {
+        const CLAIMERS: usize = 64;
+        for round in 0..5 {
+            let key = RecordKey::new("checks::race", &format!("race-{round}")).expect("key");
+            let start = Arc::new(Barrier::new(CLAIMERS));
+            let tasks: Vec<_> = (0..CLAIMERS)
+                .map(|i| {
+                    let store = stores[i % stores.len()].clone();
+                    let (key, start) = (key.clone(), start.clone());
+                    tokio::spawn(async move {
+                        start.wait().await;
+                        store.claim(&key, None, LEASE).await
+                    })
+                })
+                .collect();
+            let mut acquired = 0;
+            for task in tasks {
+                match task.await.expect("a claiming task panicked") {
+                    Ok(Claim::Acquired(lease)) => {
+                        acquired += 1;
+                        assert_eq!(lease.fence(), 1);
+                    }
+                    Ok(Claim::InProgress { .. }) => {}
+                    other => panic!("round {round}: unexpected claim: {other:?}"),
+                }
+            }
+            assert_eq!(acquired, 1, "round {round}: exactly one claimer acquires");
+        }
+    }
+
+    /// A completed `key` whose stored result was overwritten with `garbage`: the store hands
+    /// the bytes back as they are, and `run` turns them into `Error::Decode` without running
+    /// the body.
+    pub async fn garbage_result_fails_to_decode_in_run<S: Store>(
+        store: &S,
+        key: &RecordKey,
+        garbage: &[u8],
+    ) {
+        assert_eq!(
+            store.claim(key, None, LEASE).await.expect("claim"),
+            Claim::Completed(garbage.to_vec()),
+            "the store returns the stored bytes undecoded"
+        );
+        let mut ran = false;
+        let outcome: Result<serde_json::Value, Error> =
+            idem_runtime::run(store, key.clone(), None, Policy::new(), async {
+                ran = true;
+                Ok(serde_json::Value::Null)
+            })
+            .await;
+        assert!(!ran, "the body ran although the key was completed");
+        assert!(
+            matches!(outcome, Err(Error::Decode { .. })),
+            "run over a garbage result: {outcome:?}"
+        );
     }
 }

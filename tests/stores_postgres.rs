@@ -12,9 +12,10 @@ use std::time::Duration;
 use idem_runtime::clock::ManualClock;
 use idem_runtime::postgres::{DEFAULT_TABLE, PostgresStore};
 use idem_runtime::testing::START_MILLIS;
-use idem_runtime::{Claim, Error, Fingerprint, Policy, RecordKey, Store};
+use idem_runtime::{Claim, Error, Fingerprint, RecordKey, Store};
+use idem_tests::checks::{self, LEASE, STORED, TTL, assert_decode_error};
 use idem_tests::servers;
-use idem_tests::sql_servers::{DropTable, POOL_SIZE, Server, postgres_pool, postgres_store};
+use idem_tests::sql_servers::{DropTable, Server, postgres_pool, postgres_store};
 use sqlx::AssertSqlSafe;
 use tokio::sync::Barrier;
 
@@ -28,9 +29,6 @@ mod conformance {
 }
 
 const SCOPE: &str = "stores::postgres";
-const LEASE: Duration = Duration::from_secs(30);
-const TTL: Duration = Duration::from_secs(3600);
-const STORED: &[u8] = br#"{"points":25}"#;
 
 fn key(name: &str) -> RecordKey {
     RecordKey::new(SCOPE, name).expect("a non-empty key is valid")
@@ -43,13 +41,7 @@ async fn completed_key(
     fingerprint: Option<&Fingerprint>,
 ) -> RecordKey {
     let key = key(name);
-    let Claim::Acquired(lease) = store.claim(&key, fingerprint, LEASE).await.expect("claim") else {
-        panic!("a new key is acquired");
-    };
-    store
-        .complete(&key, &lease, STORED, TTL)
-        .await
-        .expect("complete");
+    checks::complete_key(store, &key, fingerprint).await;
     key
 }
 
@@ -66,22 +58,6 @@ async fn tamper(store: &PostgresStore, key: &RecordKey, set: &str) {
         .await
         .unwrap_or_else(|error| panic!("{statement}: {error}"));
     assert_eq!(done.rows_affected(), 1, "{statement} changed no row");
-}
-
-#[track_caller]
-fn assert_decode_error(result: Result<Claim, Error>, expected_key: &RecordKey, mentions: &str) {
-    match result {
-        Err(Error::Decode { scope, key, source })
-            if scope == expected_key.scope() && key == expected_key.key() =>
-        {
-            let reason = source.to_string();
-            assert!(
-                reason.contains(mentions),
-                "the decode error for {expected_key} should name `{mentions}`: {reason}"
-            );
-        }
-        other => panic!("expected Err(Decode) for {expected_key}, got {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -179,11 +155,10 @@ async fn migrate_runs_twice_and_from_8_tasks_at_once() {
     }
 }
 
-/// 64 claimers of one key at once, over a pool of 16 connections and over 8 separate pools
-/// (as 8 processes would): exactly one acquires, the others see it in progress.
+/// 64 claimers of one key at once over 8 pools of 16 connections (as 8 processes would):
+/// exactly one acquires. The conformance suite races them over one pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn claimers_on_many_connections_acquire_once() {
-    const CLAIMERS: usize = 64;
+async fn claimers_on_8_pools_acquire_once() {
     let Some(pool) = postgres_pool().await else {
         return;
     };
@@ -200,32 +175,7 @@ async fn claimers_on_many_connections_acquire_once() {
                 .with_clock(ManualClock::new(START_MILLIS)),
         ));
     }
-    for round in 0..5 {
-        let key = key(&format!("race-{round}"));
-        let start = Arc::new(Barrier::new(CLAIMERS));
-        let tasks: Vec<_> = (0..CLAIMERS)
-            .map(|i| {
-                let (store, key, start) = (stores[i % 8].clone(), key.clone(), start.clone());
-                tokio::spawn(async move {
-                    start.wait().await;
-                    store.claim(&key, None, LEASE).await
-                })
-            })
-            .collect();
-        let mut acquired = 0;
-        for task in tasks {
-            match task.await.expect("a claiming task panicked") {
-                Ok(Claim::Acquired(lease)) => {
-                    acquired += 1;
-                    assert_eq!(lease.fence(), 1);
-                }
-                Ok(Claim::InProgress { .. }) => {}
-                other => panic!("round {round}: unexpected claim: {other:?}"),
-            }
-        }
-        assert_eq!(acquired, 1, "round {round}: exactly one claimer acquires");
-    }
-    assert!(shared.store.pool().size() <= POOL_SIZE);
+    checks::one_of_64_claimers_acquires(&stores).await;
 }
 
 /// Records outlive the pool that wrote them: a new pool (a restarted process) replays the
@@ -278,8 +228,7 @@ async fn unreachable_server_is_a_store_error() {
     }
 }
 
-/// The store hands stored bytes back as they are; decoding them is the handler's job, and
-/// there garbage becomes `Error::Decode` without running the body.
+/// The store hands stored bytes back as they are; decoding them is the handler's job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_result_is_replayed_raw_and_fails_to_decode_in_run() {
     let Some(pool) = postgres_pool().await else {
@@ -288,22 +237,7 @@ async fn garbage_result_is_replayed_raw_and_fails_to_decode_in_run() {
     let store = postgres_store(pool, ManualClock::new(START_MILLIS)).await;
     let key = completed_key(&store.store, "garbage-result", None).await;
     tamper(&store.store, &key, r"result = '\xff00'::BYTEA").await;
-    assert_eq!(
-        store.claim(&key, None, LEASE).await.expect("claim"),
-        Claim::Completed(vec![0xff, 0x00])
-    );
-    let mut ran = false;
-    let outcome: Result<serde_json::Value, Error> =
-        idem_runtime::run(&store, key.clone(), None, Policy::new(), async {
-            ran = true;
-            Ok(serde_json::Value::Null)
-        })
-        .await;
-    assert!(!ran, "the body ran although the key was completed");
-    assert!(
-        matches!(outcome, Err(Error::Decode { .. })),
-        "run over a garbage result: {outcome:?}"
-    );
+    checks::garbage_result_fails_to_decode_in_run(&store, &key, &[0xff, 0x00]).await;
 }
 
 /// Values no claim writes, put there by hand, are decode errors naming the column.

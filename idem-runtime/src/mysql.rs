@@ -1,1 +1,370 @@
-//! The mysql store (being written).
+//! A store in a MySQL or MariaDB table, over sqlx.
+//!
+//! One InnoDB table, `idem_records` (see `sql/mysql.sql` in the crate, or run
+//! [`MySqlStore::migrate`]). Scope and key are `VARBINARY`, compared byte for byte: the usual
+//! collations would fold case, accents and trailing spaces and make different keys one. Times
+//! are milliseconds since the Unix epoch by the store's [`Clock`], bound as parameters: the
+//! database's own clock is never read.
+//!
+//! # Statements and round trips
+//!
+//! * **claim** — one `INSERT … ON DUPLICATE KEY UPDATE` whose assignments all depend on one
+//!   guard: the first one hands the record to the new owner if its lease or ttl has passed,
+//!   and every later one tests `owner = VALUES(owner)` (MySQL assigns left to right, so the
+//!   guard must not be re-evaluated on changed columns). The statement reports its outcome
+//!   through `LAST_INSERT_ID(expr)`, which the server returns with the result: 1 for a new
+//!   record, the raised fence for a takeover, 0 when it changed nothing. Only then does a read
+//!   follow, to report what holds the key. A new key or a takeover costs one round trip, a
+//!   duplicate two. A claim that meets a deadlock (InnoDB error 1213) is run again.
+//! * **complete**, **release**, **extend** — one `UPDATE` each, conditional on the owner token,
+//!   the fence and the record still being in progress: zero rows is [`Error::LeaseLost`].
+//! * **purge_expired** — one `DELETE … WHERE expires_at <= now ORDER BY expires_at LIMIT n`.
+//!
+//! A new key therefore costs two round trips (claim, complete) and a replay two (claim, read).
+//!
+//! # What survives a restart
+//!
+//! Everything committed, with InnoDB's defaults: each operation is its own transaction and
+//! `innodb_flush_log_at_trx_commit = 1` writes it to the redo log before answering. With `0` or
+//! `2` a crash of the server (or of its machine) can lose the last second of completions it
+//! acknowledged, and a redelivery then runs the body again; asynchronous replication can lose
+//! them on failover. Keep `innodb_flush_log_at_trx_commit = 1` (and `sync_binlog = 1` with
+//! replication, semi-synchronous if failover must not lose them).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlPool, MySqlRow};
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::clock::{self, Clock, SystemClock};
+use crate::name;
+use crate::record::{CLAIM_ATTEMPTS, Found, decode_error, fence_param, stored_fence};
+use crate::store::{Claim, Lease, Store, lease_lost, new_owner};
+use crate::{Error, Fingerprint, RecordKey, StoreError};
+
+const BACKEND: &str = "mysql";
+
+/// The schema for the default table: `CREATE TABLE IF NOT EXISTS idem_records …` with its
+/// expiry index (the file `sql/mysql.sql` of this crate).
+pub const SCHEMA: &str = include_str!("../sql/mysql.sql");
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "idem_records";
+
+/// The SQLSTATE of a deadlock (InnoDB error 1213).
+const DEADLOCK: &str = "40001";
+
+/// The statements of one table, built once from its checked name.
+#[derive(Debug)]
+struct Statements {
+    schema: Arc<str>,
+    claim: Arc<str>,
+    read: Arc<str>,
+    complete: Arc<str>,
+    release: Arc<str>,
+    extend: Arc<str>,
+    purge: Arc<str>,
+}
+
+impl Statements {
+    /// `table` must have passed `name::sql_identifier`.
+    fn new(table: &str) -> Self {
+        Self {
+            schema: SCHEMA.replace(DEFAULT_TABLE, table).into(),
+            claim: format!(
+                "INSERT INTO {table}
+    (scope, business_key, completed, owner, fence, lease_until, expires_at, fingerprint, result)
+VALUES (?, ?, 0, ?, LAST_INSERT_ID(1), ?, ?, ?, NULL)
+ON DUPLICATE KEY UPDATE
+    owner = IF(IF(completed = 1, expires_at, lease_until) <= ?, VALUES(owner), owner),
+    fence = IF(owner = VALUES(owner), LAST_INSERT_ID(fence + 1), fence + LAST_INSERT_ID(0)),
+    completed = IF(owner = VALUES(owner), 0, completed),
+    lease_until = IF(owner = VALUES(owner), VALUES(lease_until), lease_until),
+    expires_at = IF(owner = VALUES(owner), VALUES(expires_at), expires_at),
+    fingerprint = IF(owner = VALUES(owner), VALUES(fingerprint), fingerprint),
+    result = IF(owner = VALUES(owner), NULL, result)"
+            )
+            .into(),
+            read: format!(
+                "SELECT completed, lease_until, expires_at, fingerprint, result
+FROM {table} WHERE scope = ? AND business_key = ?"
+            )
+            .into(),
+            complete: format!(
+                "UPDATE {table} SET completed = 1, result = ?, expires_at = ?
+WHERE scope = ? AND business_key = ? AND owner = ? AND fence = ? AND completed = 0"
+            )
+            .into(),
+            release: format!(
+                "UPDATE {table} SET lease_until = ?, expires_at = ?
+WHERE scope = ? AND business_key = ? AND owner = ? AND fence = ? AND completed = 0"
+            )
+            .into(),
+            extend: format!(
+                "UPDATE {table} SET lease_until = ?, expires_at = ?
+WHERE scope = ? AND business_key = ? AND owner = ? AND fence = ? AND completed = 0"
+            )
+            .into(),
+            purge: format!(
+                "DELETE FROM {table} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?"
+            )
+            .into(),
+        }
+    }
+}
+
+fn sql(statement: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
+    // Built from a checked identifier and fixed text; every value is bound.
+    AssertSqlSafe(statement.clone())
+}
+
+/// A store in a MySQL or MariaDB table.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use idem_runtime::mysql::MySqlStore;
+///
+/// let pool = sqlx::MySqlPool::connect("mysql://root@127.0.0.1/app").await?;
+/// let store = MySqlStore::new(pool);
+/// store.migrate().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct MySqlStore {
+    pool: MySqlPool,
+    clock: Arc<dyn Clock>,
+    table: Arc<str>,
+    statements: Arc<Statements>,
+}
+
+impl MySqlStore {
+    /// A store on a pool the application already has. Run [`MySqlStore::migrate`] once before
+    /// use (or apply [`SCHEMA`] with your own migrations).
+    pub fn new(pool: MySqlPool) -> Self {
+        Self {
+            pool,
+            clock: Arc::new(SystemClock),
+            table: DEFAULT_TABLE.into(),
+            statements: Arc::new(Statements::new(DEFAULT_TABLE)),
+        }
+    }
+
+    /// The same store on the table `table` instead of `idem_records` (in the connection's
+    /// database).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] unless `table` is a plain identifier (ASCII letter or `_`, then
+    /// letters, digits or `_`, at most 63 bytes); it is never quoted or pasted unchecked.
+    pub fn with_table(mut self, table: &str) -> Result<Self, Error> {
+        name::sql_identifier("table name", table)?;
+        self.table = table.into();
+        self.statements = Arc::new(Statements::new(table));
+        Ok(self)
+    }
+
+    /// The table the records live in.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The same store on another clock (a [`ManualClock`](crate::clock::ManualClock) in tests).
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Creates the table with its index if it does not exist. Safe to run many times and from
+    /// many processes at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] if the statement fails.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        sqlx::raw_sql(sql(&self.statements.schema))
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    /// The pool the store runs on.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    async fn try_claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Option<Claim>, Error> {
+        let now = self.clock.now_millis();
+        let until = clock::deadline(now, lease);
+        let owner = new_owner();
+        let claimed = sqlx::query(sql(&self.statements.claim))
+            .bind(key.scope())
+            .bind(key.key())
+            .bind(&owner)
+            .bind(until)
+            .bind(until)
+            .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
+            .bind(now)
+            .execute(&self.pool)
+            .await;
+        let claimed = match claimed {
+            Ok(claimed) => claimed,
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(DEADLOCK) => {
+                tracing::debug!(%error, "claim deadlocked; claiming again");
+                return Ok(None);
+            }
+            Err(error) => return Err(store_error(error)),
+        };
+        // `LAST_INSERT_ID(expr)` in the statement: 1 inserted, the new fence taken over, 0
+        // changed nothing.
+        match i64::try_from(claimed.last_insert_id()) {
+            Ok(0) => {}
+            Ok(fence) => {
+                let fence = stored_fence(key, fence)?;
+                return Ok(Some(Claim::Acquired(Lease::new(owner, fence, until))));
+            }
+            Err(_) => {
+                return Err(decode_error(
+                    key,
+                    format!("`fence` is {}", claimed.last_insert_id()),
+                ));
+            }
+        }
+
+        let Some(row) = sqlx::query(sql(&self.statements.read))
+            .bind(key.scope())
+            .bind(key.key())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error)?
+        else {
+            return Ok(None); // purged since: claim again
+        };
+        found(key, &row)?.answer(key, now, fingerprint)
+    }
+
+    async fn update_held(
+        &self,
+        statement: &Arc<str>,
+        until: i64,
+        key: &RecordKey,
+        lease: &Lease,
+    ) -> Result<(), Error> {
+        let done = sqlx::query(sql(statement))
+            .bind(until)
+            .bind(until)
+            .bind(key.scope())
+            .bind(key.key())
+            .bind(lease.owner())
+            .bind(fence_param(key, lease)?)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        if done.rows_affected() == 0 {
+            return Err(lease_lost(key, lease));
+        }
+        Ok(())
+    }
+}
+
+/// The record a claim did not take.
+fn found(key: &RecordKey, row: &MySqlRow) -> Result<Found, Error> {
+    let corrupt = |source: sqlx::Error| decode_error(key, source);
+    let completed = match row.try_get::<i8, _>("completed").map_err(corrupt)? {
+        0 => false,
+        1 => true,
+        other => return Err(decode_error(key, format!("`completed` is {other}"))),
+    };
+    Ok(Found {
+        completed,
+        lease_until: row.try_get("lease_until").map_err(corrupt)?,
+        expires_at: row.try_get("expires_at").map_err(corrupt)?,
+        fingerprint: row.try_get("fingerprint").map_err(corrupt)?,
+        result: row.try_get("result").map_err(corrupt)?,
+    })
+}
+
+impl Store for MySqlStore {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Claim, Error> {
+        for _ in 0..CLAIM_ATTEMPTS {
+            if let Some(claim) = self.try_claim(key, fingerprint, lease).await? {
+                return Ok(claim);
+            }
+        }
+        Err(store_error(format!(
+            "the record for {key} kept changing during {CLAIM_ATTEMPTS} claim attempts"
+        )))
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        lease: &Lease,
+        result: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let expires_at = clock::deadline(self.clock.now_millis(), ttl);
+        let done = sqlx::query(sql(&self.statements.complete))
+            .bind(result)
+            .bind(expires_at)
+            .bind(key.scope())
+            .bind(key.key())
+            .bind(lease.owner())
+            .bind(fence_param(key, lease)?)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        if done.rows_affected() == 0 {
+            return Err(lease_lost(key, lease));
+        }
+        Ok(())
+    }
+
+    async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
+        self.update_held(
+            &self.statements.release,
+            self.clock.now_millis(),
+            key,
+            lease,
+        )
+        .await
+    }
+
+    async fn extend(
+        &self,
+        key: &RecordKey,
+        lease: &Lease,
+        duration: Duration,
+    ) -> Result<Lease, Error> {
+        let until = clock::deadline(self.clock.now_millis(), duration);
+        self.update_held(&self.statements.extend, until, key, lease)
+            .await?;
+        Ok(Lease::new(lease.owner().to_owned(), lease.fence(), until))
+    }
+
+    async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
+        let done = sqlx::query(sql(&self.statements.purge))
+            .bind(self.clock.now_millis())
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(done.rows_affected())
+    }
+}
+
+fn store_error(source: impl Into<crate::BoxError>) -> Error {
+    Error::Store(StoreError::new(BACKEND, source))
+}
