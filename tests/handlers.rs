@@ -978,6 +978,11 @@ store_module!(postgres, |clock| {
     Some(idem_tests::sql_servers::postgres_store(pool, clock).await)
 });
 
+store_module!(mysql, |clock| {
+    let pool = idem_tests::sql_servers::mysql_pool().await?;
+    Some(idem_tests::sql_servers::mysql_store(pool, clock).await)
+});
+
 store_module!(redis, |clock| {
     let connection = idem_tests::redis_server::manager().await?;
     Some(idem_tests::redis_server::store(connection, clock))

@@ -78,7 +78,7 @@ impl Statements {
 VALUES (?, ?, 0, ?, LAST_INSERT_ID(1), ?, ?, ?, NULL)
 ON DUPLICATE KEY UPDATE
     owner = IF(IF(completed = 1, expires_at, lease_until) <= ?, VALUES(owner), owner),
-    fence = IF(owner = VALUES(owner), LAST_INSERT_ID(fence + 1), fence + LAST_INSERT_ID(0)),
+    fence = IF(owner = VALUES(owner), LAST_INSERT_ID(fence + 1), IF(LAST_INSERT_ID(0), fence, fence)),
     completed = IF(owner = VALUES(owner), 0, completed),
     lease_until = IF(owner = VALUES(owner), VALUES(lease_until), lease_until),
     expires_at = IF(owner = VALUES(owner), VALUES(expires_at), expires_at),
@@ -106,10 +106,8 @@ WHERE scope = ? AND business_key = ? AND owner = ? AND fence = ? AND completed =
 WHERE scope = ? AND business_key = ? AND owner = ? AND fence = ? AND completed = 0"
             )
             .into(),
-            purge: format!(
-                "DELETE FROM {table} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?"
-            )
-            .into(),
+            purge: format!("DELETE FROM {table} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?")
+                .into(),
         }
     }
 }
