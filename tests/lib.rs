@@ -127,10 +127,14 @@ pub mod servers {
         if required() {
             panic!("{server} at {url} is unreachable ({error}); scripts/services.sh starts it");
         }
-        eprintln!(
+        // Straight to the process's stderr: the test harness captures `eprintln!` of passing
+        // tests, and a skip must be seen.
+        let line = format!(
             "SKIPPED: {server} at {url} is unreachable ({error}); run scripts/test.sh, which \
-             starts the servers and sets {REQUIRE_VAR}=1 so that this is a failure"
+             starts the servers and sets {REQUIRE_VAR}=1 so that this is a failure\n"
         );
+        // Nothing to do if stderr itself is gone.
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     }
 
     /// A name no other test of any concurrent run uses: `prefix_<pid>_<n>`, with only ASCII
@@ -443,6 +447,22 @@ pub mod sql_servers {
         url: &str,
         options: sqlx::pool::PoolOptions<DB>,
     ) -> Option<Pool<DB>> {
+        // One plain connection first: a refused connection fails at once, where a pool would
+        // keep retrying until its acquire timeout.
+        match tokio::time::timeout(Duration::from_secs(5), DB::Connection::connect(url)).await {
+            Ok(Ok(connection)) => {
+                // Only a probe: an error closing it does not matter.
+                let _ = connection.close().await;
+            }
+            Ok(Err(error)) => {
+                servers::unreachable(server, url, &error);
+                return None;
+            }
+            Err(elapsed) => {
+                servers::unreachable(server, url, &elapsed);
+                return None;
+            }
+        }
         let pool = options
             .max_connections(POOL_SIZE)
             .acquire_timeout(Duration::from_secs(10))
