@@ -58,6 +58,8 @@
 //! |---|---|---|---|
 //! | [`MemoryStore`] | always | no | no |
 //! | [`sqlite::SqliteStore`] | `sqlite` | yes (file database) | processes on one host |
+//! | [`postgres::PostgresStore`] | `postgres` | yes | yes |
+//! | [`mysql::MySqlStore`] | `mysql` | yes | yes |
 //! | [`redis::RedisStore`] | `redis` | only with AOF (see the module) | yes |
 //!
 //! Implement [`Store`] for another backend; the conformance suite in
