@@ -685,3 +685,56 @@ pub mod checks {
         );
     }
 }
+
+/// The background sweeper on a real store.
+pub mod sweeping {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use idem_runtime::clock::ManualClock;
+    use idem_runtime::{Claim, RecordKey, Store, Sweeper};
+
+    use crate::checks::{LEASE, STORED, complete_key};
+
+    /// 300 completed records expire and one stays live; a [`Sweeper`] in batches of 64 works
+    /// the backlog off. A purged key is claimed afresh (fence 1, not a takeover), and the live
+    /// one still replays.
+    pub async fn sweeper_works_off_a_backlog<S: Store + 'static>(
+        store: Arc<S>,
+        clock: ManualClock,
+    ) {
+        let keys: Vec<RecordKey> = (0..300)
+            .map(|i| RecordKey::new("sweeping", &format!("old-{i}")).expect("key"))
+            .collect();
+        for key in &keys {
+            complete_key(&*store, key, None).await; // kept for an hour
+        }
+        clock.advance(Duration::from_secs(2 * 3600));
+        let live = RecordKey::new("sweeping", "live").expect("key");
+        complete_key(&*store, &live, None).await;
+
+        let sweeper = Sweeper::spawn(store.clone(), Duration::from_millis(10), 64);
+        let drained = async {
+            // The sweeper deletes in the background; wait until nothing is left to delete.
+            while store.purge_expired(1).await.expect("purge") > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), drained)
+            .await
+            .expect("the sweeper did not work the backlog off within 60 s");
+        sweeper.stop().await;
+
+        for key in keys.iter().step_by(7) {
+            match store.claim(key, None, LEASE).await.expect("claim") {
+                Claim::Acquired(lease) => assert_eq!(lease.fence(), 1, "{key} was not purged"),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            store.claim(&live, None, LEASE).await.expect("claim"),
+            Claim::Completed(STORED.to_vec()),
+            "the sweeper deleted a live record"
+        );
+    }
+}

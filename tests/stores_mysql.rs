@@ -317,3 +317,14 @@ async fn hand_edited_records_are_decode_errors() {
         }
     }
 }
+
+/// The background sweeper purges expired records in bounded batches and leaves live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sweeper_works_off_a_backlog() {
+    let Some(pool) = mysql_pool().await else {
+        return;
+    };
+    let clock = ManualClock::new(START_MILLIS);
+    let store = Arc::new(mysql_store(pool, clock.clone()).await);
+    idem_tests::sweeping::sweeper_works_off_a_backlog(store, clock).await;
+}

@@ -305,3 +305,14 @@ async fn tables_are_separate_key_spaces() {
     .expect("count");
     assert_eq!(rows.0, 1);
 }
+
+/// The background sweeper purges expired records in bounded batches and leaves live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sweeper_works_off_a_backlog() {
+    let Some(pool) = postgres_pool().await else {
+        return;
+    };
+    let clock = ManualClock::new(START_MILLIS);
+    let store = Arc::new(postgres_store(pool, clock.clone()).await);
+    idem_tests::sweeping::sweeper_works_off_a_backlog(store, clock).await;
+}
