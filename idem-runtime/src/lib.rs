@@ -74,7 +74,7 @@ mod key;
 mod memory;
 mod name;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
-mod record;
+mod sql;
 mod store;
 mod sweeper;
 

@@ -34,16 +34,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlPool, MySqlRow};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::Row;
+use sqlx::mysql::{MySql, MySqlPool, MySqlRow};
 
-use crate::clock::{self, Clock, SystemClock};
-use crate::name;
-use crate::record::{CLAIM_ATTEMPTS, Found, decode_error, fence_param, stored_fence};
-use crate::store::{Claim, Lease, Store, lease_lost, new_owner};
-use crate::{Error, Fingerprint, RecordKey, StoreError};
-
-const BACKEND: &str = "mysql";
+use crate::clock::{self, Clock};
+use crate::sql::{self, Found, Table, decode_error, sql, store_error, stored_fence};
+use crate::store::{Claim, Lease, Store, new_owner};
+use crate::{Error, Fingerprint, RecordKey};
 
 /// The schema for the default table: `CREATE TABLE IF NOT EXISTS idem_records …` with its
 /// expiry index (the file `sql/mysql.sql` of this crate).
@@ -61,10 +58,6 @@ struct Statements {
     schema: Arc<str>,
     claim: Arc<str>,
     read: Arc<str>,
-    complete: Arc<str>,
-    release: Arc<str>,
-    extend: Arc<str>,
-    purge: Arc<str>,
 }
 
 impl Statements {
@@ -91,31 +84,12 @@ ON DUPLICATE KEY UPDATE
 FROM {table} WHERE scope = ? AND business_key = ?"
             )
             .into(),
-            complete: format!(
-                "UPDATE {table} SET completed = 1, result = ?, expires_at = ?
-WHERE scope = ? AND business_key = ? AND owner = ? AND fence = ? AND completed = 0"
-            )
-            .into(),
-            release: format!(
-                "UPDATE {table} SET lease_until = ?, expires_at = ?
-WHERE scope = ? AND business_key = ? AND owner = ? AND fence = ? AND completed = 0"
-            )
-            .into(),
-            extend: format!(
-                "UPDATE {table} SET lease_until = ?, expires_at = ?
-WHERE scope = ? AND business_key = ? AND owner = ? AND fence = ? AND completed = 0"
-            )
-            .into(),
-            purge: format!("DELETE FROM {table} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?")
-                .into(),
         }
     }
 }
 
-fn sql(statement: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
-    // Built from a checked identifier and fixed text; every value is bound.
-    AssertSqlSafe(statement.clone())
-}
+/// The bounded delete of expired records.
+const PURGE: &str = "DELETE FROM {table} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?";
 
 /// A store in a MySQL or MariaDB table.
 ///
@@ -131,9 +105,7 @@ fn sql(statement: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
 /// ```
 #[derive(Clone, Debug)]
 pub struct MySqlStore {
-    pool: MySqlPool,
-    clock: Arc<dyn Clock>,
-    table: Arc<str>,
+    table: Table<MySql>,
     statements: Arc<Statements>,
 }
 
@@ -142,9 +114,7 @@ impl MySqlStore {
     /// use (or apply [`SCHEMA`] with your own migrations).
     pub fn new(pool: MySqlPool) -> Self {
         Self {
-            pool,
-            clock: Arc::new(SystemClock),
-            table: DEFAULT_TABLE.into(),
+            table: Table::new(pool, DEFAULT_TABLE, PURGE),
             statements: Arc::new(Statements::new(DEFAULT_TABLE)),
         }
     }
@@ -157,20 +127,19 @@ impl MySqlStore {
     /// [`Error::InvalidName`] unless `table` is a plain identifier (ASCII letter or `_`, then
     /// letters, digits or `_`, at most 63 bytes); it is never quoted or pasted unchecked.
     pub fn with_table(mut self, table: &str) -> Result<Self, Error> {
-        name::sql_identifier("table name", table)?;
-        self.table = table.into();
+        self.table = self.table.renamed(table)?;
         self.statements = Arc::new(Statements::new(table));
         Ok(self)
     }
 
     /// The table the records live in.
     pub fn table(&self) -> &str {
-        &self.table
+        self.table.name()
     }
 
     /// The same store on another clock (a [`ManualClock`](crate::clock::ManualClock) in tests).
     pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.table.clock = Arc::new(clock);
         self
     }
 
@@ -182,15 +151,15 @@ impl MySqlStore {
     /// [`Error::Store`] if the statement fails.
     pub async fn migrate(&self) -> Result<(), Error> {
         sqlx::raw_sql(sql(&self.statements.schema))
-            .execute(&self.pool)
+            .execute(&self.table.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(store_error::<MySql>)?;
         Ok(())
     }
 
     /// The pool the store runs on.
     pub fn pool(&self) -> &MySqlPool {
-        &self.pool
+        &self.table.pool
     }
 
     async fn try_claim(
@@ -199,7 +168,7 @@ impl MySqlStore {
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> Result<Option<Claim>, Error> {
-        let now = self.clock.now_millis();
+        let now = self.table.clock.now_millis();
         let until = clock::deadline(now, lease);
         let owner = new_owner();
         let claimed = sqlx::query(sql(&self.statements.claim))
@@ -210,7 +179,7 @@ impl MySqlStore {
             .bind(until)
             .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.table.pool)
             .await;
         let claimed = match claimed {
             Ok(claimed) => claimed,
@@ -218,7 +187,7 @@ impl MySqlStore {
                 tracing::debug!(%error, "claim deadlocked; claiming again");
                 return Ok(None);
             }
-            Err(error) => return Err(store_error(error)),
+            Err(error) => return Err(store_error::<MySql>(error)),
         };
         // `LAST_INSERT_ID(expr)` in the statement: 1 inserted, the new fence taken over, 0
         // changed nothing.
@@ -239,36 +208,13 @@ impl MySqlStore {
         let Some(row) = sqlx::query(sql(&self.statements.read))
             .bind(key.scope())
             .bind(key.key())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.table.pool)
             .await
-            .map_err(store_error)?
+            .map_err(store_error::<MySql>)?
         else {
             return Ok(None); // purged since: claim again
         };
         found(key, &row)?.answer(key, now, fingerprint)
-    }
-
-    async fn update_held(
-        &self,
-        statement: &Arc<str>,
-        until: i64,
-        key: &RecordKey,
-        lease: &Lease,
-    ) -> Result<(), Error> {
-        let done = sqlx::query(sql(statement))
-            .bind(until)
-            .bind(until)
-            .bind(key.scope())
-            .bind(key.key())
-            .bind(lease.owner())
-            .bind(fence_param(key, lease)?)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        if done.rows_affected() == 0 {
-            return Err(lease_lost(key, lease));
-        }
-        Ok(())
     }
 }
 
@@ -296,14 +242,7 @@ impl Store for MySqlStore {
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, Error> {
-        for _ in 0..CLAIM_ATTEMPTS {
-            if let Some(claim) = self.try_claim(key, fingerprint, lease).await? {
-                return Ok(claim);
-            }
-        }
-        Err(store_error(format!(
-            "the record for {key} kept changing during {CLAIM_ATTEMPTS} claim attempts"
-        )))
+        sql::claim::<MySql, _, _>(key, || self.try_claim(key, fingerprint, lease)).await
     }
 
     async fn complete(
@@ -313,31 +252,11 @@ impl Store for MySqlStore {
         result: &[u8],
         ttl: Duration,
     ) -> Result<(), Error> {
-        let expires_at = clock::deadline(self.clock.now_millis(), ttl);
-        let done = sqlx::query(sql(&self.statements.complete))
-            .bind(result)
-            .bind(expires_at)
-            .bind(key.scope())
-            .bind(key.key())
-            .bind(lease.owner())
-            .bind(fence_param(key, lease)?)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        if done.rows_affected() == 0 {
-            return Err(lease_lost(key, lease));
-        }
-        Ok(())
+        self.table.complete(key, lease, result, ttl).await
     }
 
     async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
-        self.update_held(
-            &self.statements.release,
-            self.clock.now_millis(),
-            key,
-            lease,
-        )
-        .await
+        self.table.release(key, lease).await
     }
 
     async fn extend(
@@ -346,23 +265,10 @@ impl Store for MySqlStore {
         lease: &Lease,
         duration: Duration,
     ) -> Result<Lease, Error> {
-        let until = clock::deadline(self.clock.now_millis(), duration);
-        self.update_held(&self.statements.extend, until, key, lease)
-            .await?;
-        Ok(Lease::new(lease.owner().to_owned(), lease.fence(), until))
+        self.table.extend(key, lease, duration).await
     }
 
     async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
-        let done = sqlx::query(sql(&self.statements.purge))
-            .bind(self.clock.now_millis())
-            .bind(limit)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(done.rows_affected())
+        self.table.purge_expired(limit).await
     }
-}
-
-fn store_error(source: impl Into<crate::BoxError>) -> Error {
-    Error::Store(StoreError::new(BACKEND, source))
 }

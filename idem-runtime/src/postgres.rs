@@ -33,16 +33,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgRow};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::Row;
+use sqlx::postgres::{PgPool, PgRow, Postgres};
 
-use crate::clock::{self, Clock, SystemClock};
-use crate::name;
-use crate::record::{CLAIM_ATTEMPTS, Found, decode_error, fence_param, stored_fence};
-use crate::store::{Claim, Lease, Store, lease_lost, new_owner};
-use crate::{Error, Fingerprint, RecordKey, StoreError};
-
-const BACKEND: &str = "postgres";
+use crate::clock::{self, Clock};
+use crate::sql::{self, Found, Table, decode_error, sql, store_error, stored_fence};
+use crate::store::{Claim, Lease, Store, new_owner};
+use crate::{Error, Fingerprint, RecordKey};
 
 /// The schema for the default table: `CREATE TABLE IF NOT EXISTS idem_records …` and its
 /// expiry index (the file `sql/postgres.sql` of this crate).
@@ -61,10 +58,6 @@ struct Statements {
     migrate: Arc<str>,
     claim: Arc<str>,
     read: Arc<str>,
-    complete: Arc<str>,
-    release: Arc<str>,
-    extend: Arc<str>,
-    purge: Arc<str>,
 }
 
 impl Statements {
@@ -103,34 +96,13 @@ WHERE scope = $1 AND business_key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)"
 FROM {table} WHERE scope = $1 AND business_key = $2"
             )
             .into(),
-            complete: format!(
-                "UPDATE {table} SET completed = TRUE, result = $1, expires_at = $2
-WHERE scope = $3 AND business_key = $4 AND owner = $5 AND fence = $6 AND NOT completed"
-            )
-            .into(),
-            release: format!(
-                "UPDATE {table} SET lease_until = $1, expires_at = $1
-WHERE scope = $2 AND business_key = $3 AND owner = $4 AND fence = $5 AND NOT completed"
-            )
-            .into(),
-            extend: format!(
-                "UPDATE {table} SET lease_until = $1, expires_at = $1
-WHERE scope = $2 AND business_key = $3 AND owner = $4 AND fence = $5 AND NOT completed"
-            )
-            .into(),
-            purge: format!(
-                "DELETE FROM {table} WHERE ctid IN (
-    SELECT ctid FROM {table} WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)"
-            )
-            .into(),
         }
     }
 }
 
-fn sql(statement: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
-    // Built from a checked identifier and fixed text; every value is bound.
-    AssertSqlSafe(statement.clone())
-}
+/// The bounded delete of expired records: it skips rows another call has locked.
+const PURGE: &str = "DELETE FROM {table} WHERE ctid IN (
+    SELECT ctid FROM {table} WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
 
 /// A store in a PostgreSQL table.
 ///
@@ -146,9 +118,7 @@ fn sql(statement: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
 /// ```
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
-    pool: PgPool,
-    clock: Arc<dyn Clock>,
-    table: Arc<str>,
+    table: Table<Postgres>,
     statements: Arc<Statements>,
 }
 
@@ -157,9 +127,7 @@ impl PostgresStore {
     /// before use (or apply [`SCHEMA`] with your own migrations).
     pub fn new(pool: PgPool) -> Self {
         Self {
-            pool,
-            clock: Arc::new(SystemClock),
-            table: DEFAULT_TABLE.into(),
+            table: Table::new(pool, DEFAULT_TABLE, PURGE),
             statements: Arc::new(Statements::new(DEFAULT_TABLE)),
         }
     }
@@ -172,20 +140,19 @@ impl PostgresStore {
     /// [`Error::InvalidName`] unless `table` is a plain identifier (ASCII letter or `_`, then
     /// letters, digits or `_`, at most 63 bytes); it is never quoted or pasted unchecked.
     pub fn with_table(mut self, table: &str) -> Result<Self, Error> {
-        name::sql_identifier("table name", table)?;
-        self.table = table.into();
+        self.table = self.table.renamed(table)?;
         self.statements = Arc::new(Statements::new(table));
         Ok(self)
     }
 
     /// The table the records live in.
     pub fn table(&self) -> &str {
-        &self.table
+        self.table.name()
     }
 
     /// The same store on another clock (a [`ManualClock`](crate::clock::ManualClock) in tests).
     pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.table.clock = Arc::new(clock);
         self
     }
 
@@ -198,15 +165,15 @@ impl PostgresStore {
     pub async fn migrate(&self) -> Result<(), Error> {
         // One simple query: its statements run in one transaction, which holds the lock.
         sqlx::raw_sql(sql(&self.statements.migrate))
-            .execute(&self.pool)
+            .execute(&self.table.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(store_error::<Postgres>)?;
         Ok(())
     }
 
     /// The pool the store runs on.
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        &self.table.pool
     }
 
     async fn try_claim(
@@ -215,7 +182,7 @@ impl PostgresStore {
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> Result<Option<Claim>, Error> {
-        let now = self.clock.now_millis();
+        let now = self.table.clock.now_millis();
         let until = clock::deadline(now, lease);
         let owner = new_owner();
         let row = sqlx::query(sql(&self.statements.claim))
@@ -225,9 +192,9 @@ impl PostgresStore {
             .bind(until)
             .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
             .bind(now)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.table.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(store_error::<Postgres>)?;
         let row = match row {
             Some(row) => row,
             // The record was inserted by a claim that committed after this statement's
@@ -235,9 +202,9 @@ impl PostgresStore {
             None => match sqlx::query(sql(&self.statements.read))
                 .bind(key.scope())
                 .bind(key.key())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.table.pool)
                 .await
-                .map_err(store_error)?
+                .map_err(store_error::<Postgres>)?
             {
                 Some(row) => row,
                 None => return Ok(None), // purged since: claim again
@@ -250,28 +217,6 @@ impl PostgresStore {
             return Ok(Some(Claim::Acquired(Lease::new(owner, fence, until))));
         }
         found(key, &row)?.answer(key, now, fingerprint)
-    }
-
-    async fn update_held(
-        &self,
-        statement: &Arc<str>,
-        first: i64,
-        key: &RecordKey,
-        lease: &Lease,
-    ) -> Result<(), Error> {
-        let done = sqlx::query(sql(statement))
-            .bind(first)
-            .bind(key.scope())
-            .bind(key.key())
-            .bind(lease.owner())
-            .bind(fence_param(key, lease)?)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        if done.rows_affected() == 0 {
-            return Err(lease_lost(key, lease));
-        }
-        Ok(())
     }
 }
 
@@ -294,14 +239,7 @@ impl Store for PostgresStore {
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, Error> {
-        for _ in 0..CLAIM_ATTEMPTS {
-            if let Some(claim) = self.try_claim(key, fingerprint, lease).await? {
-                return Ok(claim);
-            }
-        }
-        Err(store_error(format!(
-            "the record for {key} kept changing during {CLAIM_ATTEMPTS} claim attempts"
-        )))
+        sql::claim::<Postgres, _, _>(key, || self.try_claim(key, fingerprint, lease)).await
     }
 
     async fn complete(
@@ -311,31 +249,11 @@ impl Store for PostgresStore {
         result: &[u8],
         ttl: Duration,
     ) -> Result<(), Error> {
-        let expires_at = clock::deadline(self.clock.now_millis(), ttl);
-        let done = sqlx::query(sql(&self.statements.complete))
-            .bind(result)
-            .bind(expires_at)
-            .bind(key.scope())
-            .bind(key.key())
-            .bind(lease.owner())
-            .bind(fence_param(key, lease)?)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        if done.rows_affected() == 0 {
-            return Err(lease_lost(key, lease));
-        }
-        Ok(())
+        self.table.complete(key, lease, result, ttl).await
     }
 
     async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
-        self.update_held(
-            &self.statements.release,
-            self.clock.now_millis(),
-            key,
-            lease,
-        )
-        .await
+        self.table.release(key, lease).await
     }
 
     async fn extend(
@@ -344,23 +262,10 @@ impl Store for PostgresStore {
         lease: &Lease,
         duration: Duration,
     ) -> Result<Lease, Error> {
-        let until = clock::deadline(self.clock.now_millis(), duration);
-        self.update_held(&self.statements.extend, until, key, lease)
-            .await?;
-        Ok(Lease::new(lease.owner().to_owned(), lease.fence(), until))
+        self.table.extend(key, lease, duration).await
     }
 
     async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
-        let done = sqlx::query(sql(&self.statements.purge))
-            .bind(self.clock.now_millis())
-            .bind(i64::from(limit))
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(done.rows_affected())
+        self.table.purge_expired(limit).await
     }
-}
-
-fn store_error(source: impl Into<crate::BoxError>) -> Error {
-    Error::Store(StoreError::new(BACKEND, source))
 }

@@ -15,16 +15,15 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::Row;
+use sqlx::sqlite::{
+    Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+};
 
-use crate::clock::{self, Clock, SystemClock};
-use crate::name;
-use crate::record::{CLAIM_ATTEMPTS, Found, decode_error, fence_param, stored_fence};
-use crate::store::{Claim, Lease, Store, lease_lost, new_owner};
-use crate::{Error, Fingerprint, RecordKey, StoreError};
-
-const BACKEND: &str = "sqlite";
+use crate::clock::{self, Clock};
+use crate::sql::{self, Found, Table, decode_error, sql, store_error, stored_fence};
+use crate::store::{Claim, Lease, Store, new_owner};
+use crate::{Error, Fingerprint, RecordKey};
 
 /// The schema for the default table: `CREATE TABLE IF NOT EXISTS idem_records …` and its
 /// expiry index (the file `sql/sqlite.sql` of this crate).
@@ -36,20 +35,16 @@ pub const DEFAULT_TABLE: &str = "idem_records";
 /// The statements of one table, built once from its checked name.
 #[derive(Debug)]
 struct Statements {
-    schema: String,
+    schema: Arc<str>,
     claim: Arc<str>,
     read: Arc<str>,
-    complete: Arc<str>,
-    release: Arc<str>,
-    extend: Arc<str>,
-    purge: Arc<str>,
 }
 
 impl Statements {
     /// `table` must have passed `name::sql_identifier`.
     fn new(table: &str) -> Self {
         Self {
-            schema: SCHEMA.replace(DEFAULT_TABLE, table),
+            schema: SCHEMA.replace(DEFAULT_TABLE, table).into(),
             claim: format!(
                 "INSERT INTO {table}
     (scope, business_key, completed, owner, fence, lease_until, expires_at, fingerprint, result)
@@ -73,34 +68,13 @@ RETURNING fence"
 FROM {table} WHERE scope = ?1 AND business_key = ?2"
             )
             .into(),
-            complete: format!(
-                "UPDATE {table} SET completed = 1, result = ?1, expires_at = ?2
-WHERE scope = ?3 AND business_key = ?4 AND owner = ?5 AND fence = ?6 AND completed = 0"
-            )
-            .into(),
-            release: format!(
-                "UPDATE {table} SET lease_until = ?1, expires_at = ?1
-WHERE scope = ?2 AND business_key = ?3 AND owner = ?4 AND fence = ?5 AND completed = 0"
-            )
-            .into(),
-            extend: format!(
-                "UPDATE {table} SET lease_until = ?1, expires_at = ?1
-WHERE scope = ?2 AND business_key = ?3 AND owner = ?4 AND fence = ?5 AND completed = 0"
-            )
-            .into(),
-            purge: format!(
-                "DELETE FROM {table} WHERE rowid IN
-    (SELECT rowid FROM {table} WHERE expires_at <= ?1 LIMIT ?2)"
-            )
-            .into(),
         }
     }
 }
 
-fn sql(statement: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
-    // Built from a checked identifier and fixed text; every value is bound.
-    AssertSqlSafe(statement.clone())
-}
+/// The bounded delete of expired records.
+const PURGE: &str = "DELETE FROM {table} WHERE rowid IN
+    (SELECT rowid FROM {table} WHERE expires_at <= ?1 LIMIT ?2)";
 
 /// A store in a SQLite database.
 ///
@@ -116,9 +90,7 @@ fn sql(statement: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
 /// ```
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
-    pool: SqlitePool,
-    clock: Arc<dyn Clock>,
-    table: Arc<str>,
+    table: Table<Sqlite>,
     statements: Arc<Statements>,
 }
 
@@ -127,9 +99,7 @@ impl SqliteStore {
     /// before use (or apply [`SCHEMA`] with your own migrations).
     pub fn new(pool: SqlitePool) -> Self {
         Self {
-            pool,
-            clock: Arc::new(SystemClock),
-            table: DEFAULT_TABLE.into(),
+            table: Table::new(pool, DEFAULT_TABLE, PURGE),
             statements: Arc::new(Statements::new(DEFAULT_TABLE)),
         }
     }
@@ -141,15 +111,14 @@ impl SqliteStore {
     /// [`Error::InvalidName`] unless `table` is a plain identifier (ASCII letter or `_`, then
     /// letters, digits or `_`, at most 63 bytes); it is never quoted or pasted unchecked.
     pub fn with_table(mut self, table: &str) -> Result<Self, Error> {
-        name::sql_identifier("table name", table)?;
-        self.table = table.into();
+        self.table = self.table.renamed(table)?;
         self.statements = Arc::new(Statements::new(table));
         Ok(self)
     }
 
     /// The table the records live in.
     pub fn table(&self) -> &str {
-        &self.table
+        self.table.name()
     }
 
     /// Opens (creating if missing) the database at `url`, such as `sqlite://idem.db`, in WAL
@@ -160,14 +129,14 @@ impl SqliteStore {
     /// [`Error::Store`] if the URL is malformed or the database cannot be opened.
     pub async fn connect(url: &str) -> Result<Self, Error> {
         let options = SqliteConnectOptions::from_str(url)
-            .map_err(store_error)?
+            .map_err(store_error::<Sqlite>)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .connect_with(options)
             .await
-            .map_err(store_error)?;
+            .map_err(store_error::<Sqlite>)?;
         Ok(Self::new(pool))
     }
 
@@ -178,7 +147,8 @@ impl SqliteStore {
     ///
     /// [`Error::Store`] if SQLite cannot open the database.
     pub async fn in_memory() -> Result<Self, Error> {
-        let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(store_error)?;
+        let options =
+            SqliteConnectOptions::from_str("sqlite::memory:").map_err(store_error::<Sqlite>)?;
         let pool = SqlitePoolOptions::new()
             .min_connections(1)
             .max_connections(1)
@@ -186,13 +156,13 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(options)
             .await
-            .map_err(store_error)?;
+            .map_err(store_error::<Sqlite>)?;
         Ok(Self::new(pool))
     }
 
     /// The same store on another clock (a [`ManualClock`](crate::clock::ManualClock) in tests).
     pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.table.clock = Arc::new(clock);
         self
     }
 
@@ -202,16 +172,16 @@ impl SqliteStore {
     ///
     /// [`Error::Store`] if the statements fail.
     pub async fn migrate(&self) -> Result<(), Error> {
-        sqlx::raw_sql(AssertSqlSafe(self.statements.schema.clone()))
-            .execute(&self.pool)
+        sqlx::raw_sql(sql(&self.statements.schema))
+            .execute(&self.table.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(store_error::<Sqlite>)?;
         Ok(())
     }
 
     /// The pool the store runs on.
     pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+        &self.table.pool
     }
 
     async fn try_claim(
@@ -220,7 +190,7 @@ impl SqliteStore {
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> Result<Option<Claim>, Error> {
-        let now = self.clock.now_millis();
+        let now = self.table.clock.now_millis();
         let until = clock::deadline(now, lease);
         let owner = new_owner();
         let claimed = sqlx::query(sql(&self.statements.claim))
@@ -230,9 +200,9 @@ impl SqliteStore {
             .bind(until)
             .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
             .bind(now)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.table.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(store_error::<Sqlite>)?;
         if let Some(row) = claimed {
             let fence = row.try_get(0).map_err(|source| decode_error(key, source))?;
             let fence = stored_fence(key, fence)?;
@@ -242,9 +212,9 @@ impl SqliteStore {
         let Some(row) = sqlx::query(sql(&self.statements.read))
             .bind(key.scope())
             .bind(key.key())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.table.pool)
             .await
-            .map_err(store_error)?
+            .map_err(store_error::<Sqlite>)?
         else {
             return Ok(None); // purged since: claim again
         };
@@ -263,29 +233,6 @@ impl SqliteStore {
         }
         .answer(key, now, fingerprint)
     }
-
-    async fn update_held(
-        &self,
-        statement: &Arc<str>,
-        first: i64,
-        key: &RecordKey,
-        lease: &Lease,
-    ) -> Result<(), Error> {
-        let fence = fence_param(key, lease)?;
-        let done = sqlx::query(sql(statement))
-            .bind(first)
-            .bind(key.scope())
-            .bind(key.key())
-            .bind(lease.owner())
-            .bind(fence)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        if done.rows_affected() == 0 {
-            return Err(lease_lost(key, lease));
-        }
-        Ok(())
-    }
 }
 
 impl Store for SqliteStore {
@@ -295,14 +242,7 @@ impl Store for SqliteStore {
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, Error> {
-        for _ in 0..CLAIM_ATTEMPTS {
-            if let Some(claim) = self.try_claim(key, fingerprint, lease).await? {
-                return Ok(claim);
-            }
-        }
-        Err(store_error(format!(
-            "the record for {key} kept changing during {CLAIM_ATTEMPTS} claim attempts"
-        )))
+        sql::claim::<Sqlite, _, _>(key, || self.try_claim(key, fingerprint, lease)).await
     }
 
     async fn complete(
@@ -312,32 +252,11 @@ impl Store for SqliteStore {
         result: &[u8],
         ttl: Duration,
     ) -> Result<(), Error> {
-        let expires_at = clock::deadline(self.clock.now_millis(), ttl);
-        let fence = fence_param(key, lease)?;
-        let done = sqlx::query(sql(&self.statements.complete))
-            .bind(result)
-            .bind(expires_at)
-            .bind(key.scope())
-            .bind(key.key())
-            .bind(lease.owner())
-            .bind(fence)
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        if done.rows_affected() == 0 {
-            return Err(lease_lost(key, lease));
-        }
-        Ok(())
+        self.table.complete(key, lease, result, ttl).await
     }
 
     async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
-        self.update_held(
-            &self.statements.release,
-            self.clock.now_millis(),
-            key,
-            lease,
-        )
-        .await
+        self.table.release(key, lease).await
     }
 
     async fn extend(
@@ -346,23 +265,10 @@ impl Store for SqliteStore {
         lease: &Lease,
         duration: Duration,
     ) -> Result<Lease, Error> {
-        let until = clock::deadline(self.clock.now_millis(), duration);
-        self.update_held(&self.statements.extend, until, key, lease)
-            .await?;
-        Ok(Lease::new(lease.owner().to_owned(), lease.fence(), until))
+        self.table.extend(key, lease, duration).await
     }
 
     async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
-        let done = sqlx::query(sql(&self.statements.purge))
-            .bind(self.clock.now_millis())
-            .bind(i64::from(limit))
-            .execute(&self.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(done.rows_affected())
+        self.table.purge_expired(limit).await
     }
-}
-
-fn store_error(source: impl Into<crate::BoxError>) -> Error {
-    Error::Store(StoreError::new(BACKEND, source))
 }

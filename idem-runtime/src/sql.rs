@@ -1,0 +1,357 @@
+//! What the SQL stores share: the pool, clock and table of a store, the statements that are
+//! the same in every dialect (complete, release, extend, purge), reading back a record that a
+//! claim did not take, and the errors for stored values that do not decode.
+//!
+//! Each store keeps its own claim, the one statement where the dialects differ.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{AssertSqlSafe, Database, Encode, Executor, IntoArguments, Pool, Type};
+
+use crate::clock::{self, Clock, SystemClock};
+use crate::name;
+use crate::store::{Claim, Lease, lease_lost};
+use crate::{Error, Fingerprint, RecordKey, StoreError};
+
+/// A database the SQL stores run on.
+pub(crate) trait Backend: Database {
+    /// The store's name in [`StoreError`]s.
+    const BACKEND: &'static str;
+
+    /// The literal of a completed record's `completed` column.
+    const COMPLETED: &'static str;
+
+    /// The literal of an in-progress record's `completed` column.
+    const IN_PROGRESS: &'static str;
+
+    /// How many rows a statement changed.
+    fn rows_affected(done: &Self::QueryResult) -> u64;
+
+    /// The `n`th (from 1) parameter placeholder.
+    fn placeholder(n: usize) -> String;
+}
+
+#[cfg(feature = "sqlite")]
+impl Backend for sqlx::Sqlite {
+    const BACKEND: &'static str = "sqlite";
+    const COMPLETED: &'static str = "1";
+    const IN_PROGRESS: &'static str = "0";
+
+    fn rows_affected(done: &Self::QueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn placeholder(n: usize) -> String {
+        format!("?{n}")
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Backend for sqlx::Postgres {
+    const BACKEND: &'static str = "postgres";
+    const COMPLETED: &'static str = "TRUE";
+    const IN_PROGRESS: &'static str = "FALSE";
+
+    fn rows_affected(done: &Self::QueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn placeholder(n: usize) -> String {
+        format!("${n}")
+    }
+}
+
+#[cfg(feature = "mysql")]
+impl Backend for sqlx::MySql {
+    const BACKEND: &'static str = "mysql";
+    const COMPLETED: &'static str = "1";
+    const IN_PROGRESS: &'static str = "0";
+
+    fn rows_affected(done: &Self::QueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn placeholder(_: usize) -> String {
+        "?".to_owned()
+    }
+}
+
+/// The statements every dialect writes alike, for one table.
+#[derive(Debug)]
+struct Shared {
+    complete: Arc<str>,
+    hold: Arc<str>,
+    purge: Arc<str>,
+}
+
+impl Shared {
+    /// `table` must have passed `name::sql_identifier`.
+    fn new<DB: Backend>(table: &str, purge: &str) -> Self {
+        let p = DB::placeholder;
+        let held = format!(
+            "scope = {} AND business_key = {} AND owner = {} AND fence = {} AND completed = {}",
+            p(3),
+            p(4),
+            p(5),
+            p(6),
+            DB::IN_PROGRESS,
+        );
+        Self {
+            complete: format!(
+                "UPDATE {table} SET completed = {}, result = {}, expires_at = {} WHERE {held}",
+                DB::COMPLETED,
+                p(1),
+                p(2)
+            )
+            .into(),
+            hold: format!(
+                "UPDATE {table} SET lease_until = {}, expires_at = {} WHERE {held}",
+                p(1),
+                p(2)
+            )
+            .into(),
+            purge: purge.replace("{table}", table).into(),
+        }
+    }
+}
+
+/// A statement built from a checked identifier and fixed text, every value bound.
+pub(crate) fn sql(statement: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
+    AssertSqlSafe(statement.clone())
+}
+
+/// The pool, clock and table of a SQL store, and the operations every dialect shares.
+#[derive(Debug)]
+pub(crate) struct Table<DB: Database> {
+    pub(crate) pool: Pool<DB>,
+    pub(crate) clock: Arc<dyn Clock>,
+    name: Arc<str>,
+    shared: Arc<Shared>,
+    purge: &'static str,
+}
+
+impl<DB: Database> Clone for Table<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            clock: self.clock.clone(),
+            name: self.name.clone(),
+            shared: self.shared.clone(),
+            purge: self.purge,
+        }
+    }
+}
+
+impl<DB> Table<DB>
+where
+    DB: Backend,
+    for<'c> &'c Pool<DB>: Executor<'c, Database = DB>,
+    <DB as Database>::Arguments: IntoArguments<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+    for<'a, 't> &'a str: Encode<'t, DB> + Type<DB>,
+    for<'a, 't> &'a [u8]: Encode<'t, DB> + Type<DB>,
+{
+    /// The table `table` (already checked) of `pool` on the system clock. `purge` is the
+    /// dialect's bounded delete of expired records, with `{table}` for the table and the
+    /// parameters now and limit.
+    pub(crate) fn new(pool: Pool<DB>, table: &str, purge: &'static str) -> Self {
+        Self {
+            pool,
+            clock: Arc::new(SystemClock),
+            name: table.into(),
+            shared: Arc::new(Shared::new::<DB>(table, purge)),
+            purge,
+        }
+    }
+
+    /// The same store on the table `table`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] unless `table` is a plain identifier.
+    pub(crate) fn renamed(&self, table: &str) -> Result<Self, Error> {
+        name::sql_identifier("table name", table)?;
+        Ok(Self {
+            name: table.into(),
+            shared: Arc::new(Shared::new::<DB>(table, self.purge)),
+            ..self.clone()
+        })
+    }
+
+    /// The table's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Records `result` for the held `lease`, kept for `ttl`.
+    pub(crate) async fn complete(
+        &self,
+        key: &RecordKey,
+        lease: &Lease,
+        result: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let expires_at = clock::deadline(self.clock.now_millis(), ttl);
+        let done = sqlx::query::<DB>(sql(&self.shared.complete))
+            .bind(result)
+            .bind(expires_at)
+            .bind(key.scope())
+            .bind(key.key())
+            .bind(lease.owner())
+            .bind(fence_param(key, lease)?)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error::<DB>)?;
+        if DB::rows_affected(&done) == 0 {
+            return Err(lease_lost(key, lease));
+        }
+        Ok(())
+    }
+
+    /// Gives the held key up: its lease and record end now.
+    pub(crate) async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
+        self.hold(key, lease, self.clock.now_millis()).await
+    }
+
+    /// Moves the held lease to `duration` from now.
+    pub(crate) async fn extend(
+        &self,
+        key: &RecordKey,
+        lease: &Lease,
+        duration: Duration,
+    ) -> Result<Lease, Error> {
+        let until = clock::deadline(self.clock.now_millis(), duration);
+        self.hold(key, lease, until).await?;
+        Ok(Lease::new(lease.owner().to_owned(), lease.fence(), until))
+    }
+
+    async fn hold(&self, key: &RecordKey, lease: &Lease, until: i64) -> Result<(), Error> {
+        let done = sqlx::query::<DB>(sql(&self.shared.hold))
+            .bind(until)
+            .bind(until)
+            .bind(key.scope())
+            .bind(key.key())
+            .bind(lease.owner())
+            .bind(fence_param(key, lease)?)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error::<DB>)?;
+        if DB::rows_affected(&done) == 0 {
+            return Err(lease_lost(key, lease));
+        }
+        Ok(())
+    }
+
+    /// Deletes up to `limit` expired records.
+    pub(crate) async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
+        let done = sqlx::query::<DB>(sql(&self.shared.purge))
+            .bind(self.clock.now_millis())
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await
+            .map_err(store_error::<DB>)?;
+        Ok(DB::rows_affected(&done))
+    }
+}
+
+/// Runs `attempt` until it settles the claim (`Some`), at most [`CLAIM_ATTEMPTS`] times.
+pub(crate) async fn claim<DB, F, Fut>(key: &RecordKey, mut attempt: F) -> Result<Claim, Error>
+where
+    DB: Backend,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<Claim>, Error>>,
+{
+    for _ in 0..CLAIM_ATTEMPTS {
+        if let Some(claim) = attempt().await? {
+            return Ok(claim);
+        }
+    }
+    Err(store_error::<DB>(format!(
+        "the record for {key} kept changing during {CLAIM_ATTEMPTS} claim attempts"
+    )))
+}
+
+/// [`Error::Store`] from the driver of `DB`.
+pub(crate) fn store_error<DB: Backend>(source: impl Into<crate::BoxError>) -> Error {
+    Error::Store(StoreError::new(DB::BACKEND, source))
+}
+
+/// How many times a claim is retried when the record it found vanished or expired between
+/// the claim statement and the read that follows it.
+const CLAIM_ATTEMPTS: usize = 8;
+
+/// A record as a SQL store reads it when its claim statement changed nothing.
+pub(crate) struct Found {
+    /// Completed (`true`) or in progress.
+    pub(crate) completed: bool,
+    /// When the lease of an in-progress record runs out.
+    pub(crate) lease_until: i64,
+    /// When the record expires.
+    pub(crate) expires_at: i64,
+    /// The stored fingerprint, if any.
+    pub(crate) fingerprint: Option<Vec<u8>>,
+    /// The stored result, if any.
+    pub(crate) result: Option<Vec<u8>>,
+}
+
+impl Found {
+    /// What the claim of `key` with `fingerprint` at `now` reports for this record, or `None`
+    /// when the record is free by now (it expired since the claim statement): claim again.
+    pub(crate) fn answer(
+        self,
+        key: &RecordKey,
+        now: i64,
+        fingerprint: Option<&Fingerprint>,
+    ) -> Result<Option<Claim>, Error> {
+        let live_until = if self.completed {
+            self.expires_at
+        } else {
+            self.lease_until
+        };
+        if live_until <= now {
+            return Ok(None);
+        }
+        if let (Some(stored), Some(given)) = (self.fingerprint, fingerprint) {
+            let stored = <[u8; 32]>::try_from(stored.as_slice()).map_err(|_| {
+                decode_error(key, format!("`fingerprint` has {} bytes", stored.len()))
+            })?;
+            if Fingerprint::from_bytes(stored) != *given {
+                return Ok(Some(Claim::Mismatch));
+            }
+        }
+        if self.completed {
+            let result = self
+                .result
+                .ok_or_else(|| decode_error(key, "a completed record has no result"))?;
+            Ok(Some(Claim::Completed(result)))
+        } else {
+            Ok(Some(Claim::InProgress {
+                retry_after: clock::remaining(now, self.lease_until),
+            }))
+        }
+    }
+}
+
+/// [`Error::Decode`] for `key`: a stored value that does not decode, and why.
+pub(crate) fn decode_error(key: &RecordKey, reason: impl Into<crate::BoxError>) -> Error {
+    Error::Decode {
+        scope: key.scope().to_owned(),
+        key: key.key().to_owned(),
+        source: reason.into(),
+    }
+}
+
+/// A stored fence, which must be positive.
+pub(crate) fn stored_fence(key: &RecordKey, fence: i64) -> Result<u64, Error> {
+    match u64::try_from(fence) {
+        Ok(fence) if fence > 0 => Ok(fence),
+        _ => Err(decode_error(key, format!("`fence` is {fence}"))),
+    }
+}
+
+/// The fence of `lease` as a SQL integer; a fence no record can hold means the lease is lost.
+fn fence_param(key: &RecordKey, lease: &Lease) -> Result<i64, Error> {
+    i64::try_from(lease.fence()).map_err(|_| lease_lost(key, lease))
+}
