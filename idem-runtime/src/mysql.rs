@@ -3,7 +3,7 @@
 //! One InnoDB table, `idem_records` (see `sql/mysql.sql` in the crate, or run
 //! [`MySqlStore::migrate`]). Scope and key are `VARBINARY`, compared byte for byte: the usual
 //! collations would fold case, accents and trailing spaces and make different keys one. Times
-//! are milliseconds since the Unix epoch by the store's [`Clock`], bound as parameters: the
+//! are milliseconds since the Unix epoch by the store's [`Clock`](crate::clock::Clock), bound as parameters: the
 //! database's own clock is never read.
 //!
 //! # Statements and round trips
@@ -37,9 +37,9 @@ use std::time::Duration;
 use sqlx::Row;
 use sqlx::mysql::{MySql, MySqlPool, MySqlRow};
 
-use crate::clock::{self, Clock};
+use crate::clock;
 use crate::sql::{self, Found, Table, decode_error, sql, store_error, stored_fence};
-use crate::store::{Claim, Lease, Store, new_owner};
+use crate::store::{Claim, Lease, new_owner};
 use crate::{Error, Fingerprint, RecordKey};
 
 /// The schema for the default table: `CREATE TABLE IF NOT EXISTS idem_records …` with its
@@ -110,39 +110,6 @@ pub struct MySqlStore {
 }
 
 impl MySqlStore {
-    /// A store on a pool the application already has. Run [`MySqlStore::migrate`] once before
-    /// use (or apply [`SCHEMA`] with your own migrations).
-    pub fn new(pool: MySqlPool) -> Self {
-        Self {
-            table: Table::new(pool, DEFAULT_TABLE, PURGE),
-            statements: Arc::new(Statements::new(DEFAULT_TABLE)),
-        }
-    }
-
-    /// The same store on the table `table` instead of `idem_records` (in the connection's
-    /// database).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidName`] unless `table` is a plain identifier (ASCII letter or `_`, then
-    /// letters, digits or `_`, at most 63 bytes); it is never quoted or pasted unchecked.
-    pub fn with_table(mut self, table: &str) -> Result<Self, Error> {
-        self.table = self.table.renamed(table)?;
-        self.statements = Arc::new(Statements::new(table));
-        Ok(self)
-    }
-
-    /// The table the records live in.
-    pub fn table(&self) -> &str {
-        self.table.name()
-    }
-
-    /// The same store on another clock (a [`ManualClock`](crate::clock::ManualClock) in tests).
-    pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.table.clock = Arc::new(clock);
-        self
-    }
-
     /// Creates the table with its index if it does not exist. Safe to run many times and from
     /// many processes at once.
     ///
@@ -155,11 +122,6 @@ impl MySqlStore {
             .await
             .map_err(store_error::<MySql>)?;
         Ok(())
-    }
-
-    /// The pool the store runs on.
-    pub fn pool(&self) -> &MySqlPool {
-        &self.table.pool
     }
 
     async fn try_claim(
@@ -235,40 +197,4 @@ fn found(key: &RecordKey, row: &MySqlRow) -> Result<Found, Error> {
     })
 }
 
-impl Store for MySqlStore {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Option<&Fingerprint>,
-        lease: Duration,
-    ) -> Result<Claim, Error> {
-        sql::claim::<MySql, _, _>(key, || self.try_claim(key, fingerprint, lease)).await
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        lease: &Lease,
-        result: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        self.table.complete(key, lease, result, ttl).await
-    }
-
-    async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
-        self.table.release(key, lease).await
-    }
-
-    async fn extend(
-        &self,
-        key: &RecordKey,
-        lease: &Lease,
-        duration: Duration,
-    ) -> Result<Lease, Error> {
-        self.table.extend(key, lease, duration).await
-    }
-
-    async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
-        self.table.purge_expired(limit).await
-    }
-}
+sql::sql_store!(MySqlStore, MySql, MySqlPool);

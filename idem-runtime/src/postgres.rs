@@ -2,7 +2,7 @@
 //!
 //! One table, `idem_records` (see `sql/postgres.sql` in the crate, or run
 //! [`PostgresStore::migrate`]). Times are milliseconds since the Unix epoch by the store's
-//! [`Clock`], bound as parameters: the database's own clock is never read.
+//! [`Clock`](crate::clock::Clock), bound as parameters: the database's own clock is never read.
 //!
 //! # Statements and round trips
 //!
@@ -36,9 +36,9 @@ use std::time::Duration;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow, Postgres};
 
-use crate::clock::{self, Clock};
+use crate::clock;
 use crate::sql::{self, Found, Table, decode_error, sql, store_error, stored_fence};
-use crate::store::{Claim, Lease, Store, new_owner};
+use crate::store::{Claim, Lease, new_owner};
 use crate::{Error, Fingerprint, RecordKey};
 
 /// The schema for the default table: `CREATE TABLE IF NOT EXISTS idem_records …` and its
@@ -123,39 +123,6 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// A store on a pool the application already has. Run [`PostgresStore::migrate`] once
-    /// before use (or apply [`SCHEMA`] with your own migrations).
-    pub fn new(pool: PgPool) -> Self {
-        Self {
-            table: Table::new(pool, DEFAULT_TABLE, PURGE),
-            statements: Arc::new(Statements::new(DEFAULT_TABLE)),
-        }
-    }
-
-    /// The same store on the table `table` instead of `idem_records` (in the connection's
-    /// `search_path`).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidName`] unless `table` is a plain identifier (ASCII letter or `_`, then
-    /// letters, digits or `_`, at most 63 bytes); it is never quoted or pasted unchecked.
-    pub fn with_table(mut self, table: &str) -> Result<Self, Error> {
-        self.table = self.table.renamed(table)?;
-        self.statements = Arc::new(Statements::new(table));
-        Ok(self)
-    }
-
-    /// The table the records live in.
-    pub fn table(&self) -> &str {
-        self.table.name()
-    }
-
-    /// The same store on another clock (a [`ManualClock`](crate::clock::ManualClock) in tests).
-    pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.table.clock = Arc::new(clock);
-        self
-    }
-
     /// Creates the table and its index if they do not exist. Safe to run many times and from
     /// many processes at once: it holds the advisory lock [`MIGRATION_LOCK`] while it runs.
     ///
@@ -169,11 +136,6 @@ impl PostgresStore {
             .await
             .map_err(store_error::<Postgres>)?;
         Ok(())
-    }
-
-    /// The pool the store runs on.
-    pub fn pool(&self) -> &PgPool {
-        &self.table.pool
     }
 
     async fn try_claim(
@@ -232,40 +194,4 @@ fn found(key: &RecordKey, row: &PgRow) -> Result<Found, Error> {
     })
 }
 
-impl Store for PostgresStore {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Option<&Fingerprint>,
-        lease: Duration,
-    ) -> Result<Claim, Error> {
-        sql::claim::<Postgres, _, _>(key, || self.try_claim(key, fingerprint, lease)).await
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        lease: &Lease,
-        result: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        self.table.complete(key, lease, result, ttl).await
-    }
-
-    async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
-        self.table.release(key, lease).await
-    }
-
-    async fn extend(
-        &self,
-        key: &RecordKey,
-        lease: &Lease,
-        duration: Duration,
-    ) -> Result<Lease, Error> {
-        self.table.extend(key, lease, duration).await
-    }
-
-    async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
-        self.table.purge_expired(limit).await
-    }
-}
+sql::sql_store!(PostgresStore, Postgres, PgPool);

@@ -355,3 +355,97 @@ pub(crate) fn stored_fence(key: &RecordKey, fence: i64) -> Result<u64, Error> {
 fn fence_param(key: &RecordKey, lease: &Lease) -> Result<i64, Error> {
     i64::try_from(lease.fence()).map_err(|_| lease_lost(key, lease))
 }
+
+/// What every SQL store writes alike: `new`, `with_table`, `table`, `with_clock` and `pool`,
+/// and its [`Store`](crate::Store) impl, which runs the store's own `try_claim` and the shared
+/// [`Table`] operations.
+///
+/// The store is a struct with the fields `table: Table<$db>` and `statements:
+/// Arc<Statements>`; its module defines `DEFAULT_TABLE`, `PURGE`, `Statements::new(table)` and
+/// `try_claim(&self, key, fingerprint, lease) -> Result<Option<Claim>, Error>`.
+macro_rules! sql_store {
+    ($store:ident, $db:ty, $pool:ty) => {
+        impl $store {
+            /// A store on a pool the application already has. Run
+            /// [`migrate`](Self::migrate) once before use (or apply [`SCHEMA`] with your own
+            /// migrations).
+            pub fn new(pool: $pool) -> Self {
+                Self {
+                    table: $crate::sql::Table::new(pool, DEFAULT_TABLE, PURGE),
+                    statements: ::std::sync::Arc::new(Statements::new(DEFAULT_TABLE)),
+                }
+            }
+
+            /// The same store on the table `table` instead of `idem_records`.
+            ///
+            /// # Errors
+            ///
+            /// [`Error::InvalidName`] unless `table` is a plain identifier (an ASCII letter or
+            /// `_`, then letters, digits or `_`, at most 63 bytes); it is never quoted or
+            /// pasted unchecked.
+            pub fn with_table(mut self, table: &str) -> Result<Self, Error> {
+                self.table = self.table.renamed(table)?;
+                self.statements = ::std::sync::Arc::new(Statements::new(table));
+                Ok(self)
+            }
+
+            /// The table the records live in.
+            pub fn table(&self) -> &str {
+                self.table.name()
+            }
+
+            /// The same store on another clock (a
+            /// [`ManualClock`](crate::clock::ManualClock) in tests).
+            pub fn with_clock(mut self, clock: impl $crate::clock::Clock) -> Self {
+                self.table.clock = ::std::sync::Arc::new(clock);
+                self
+            }
+
+            /// The pool the store runs on.
+            pub fn pool(&self) -> &$pool {
+                &self.table.pool
+            }
+        }
+
+        impl $crate::Store for $store {
+            async fn claim(
+                &self,
+                key: &RecordKey,
+                fingerprint: Option<&Fingerprint>,
+                lease: ::std::time::Duration,
+            ) -> Result<Claim, Error> {
+                $crate::sql::claim::<$db, _, _>(key, || self.try_claim(key, fingerprint, lease))
+                    .await
+            }
+
+            async fn complete(
+                &self,
+                key: &RecordKey,
+                lease: &Lease,
+                result: &[u8],
+                ttl: ::std::time::Duration,
+            ) -> Result<(), Error> {
+                self.table.complete(key, lease, result, ttl).await
+            }
+
+            async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
+                self.table.release(key, lease).await
+            }
+
+            async fn extend(
+                &self,
+                key: &RecordKey,
+                lease: &Lease,
+                duration: ::std::time::Duration,
+            ) -> Result<Lease, Error> {
+                self.table.extend(key, lease, duration).await
+            }
+
+            async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
+                self.table.purge_expired(limit).await
+            }
+        }
+    };
+}
+
+pub(crate) use sql_store;

@@ -20,9 +20,9 @@ use sqlx::sqlite::{
     Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
 };
 
-use crate::clock::{self, Clock};
+use crate::clock;
 use crate::sql::{self, Found, Table, decode_error, sql, store_error, stored_fence};
-use crate::store::{Claim, Lease, Store, new_owner};
+use crate::store::{Claim, Lease, new_owner};
 use crate::{Error, Fingerprint, RecordKey};
 
 /// The schema for the default table: `CREATE TABLE IF NOT EXISTS idem_records …` and its
@@ -95,32 +95,6 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// A store on a pool the application already has. Run [`SqliteStore::migrate`] once
-    /// before use (or apply [`SCHEMA`] with your own migrations).
-    pub fn new(pool: SqlitePool) -> Self {
-        Self {
-            table: Table::new(pool, DEFAULT_TABLE, PURGE),
-            statements: Arc::new(Statements::new(DEFAULT_TABLE)),
-        }
-    }
-
-    /// The same store on the table `table` instead of `idem_records`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidName`] unless `table` is a plain identifier (ASCII letter or `_`, then
-    /// letters, digits or `_`, at most 63 bytes); it is never quoted or pasted unchecked.
-    pub fn with_table(mut self, table: &str) -> Result<Self, Error> {
-        self.table = self.table.renamed(table)?;
-        self.statements = Arc::new(Statements::new(table));
-        Ok(self)
-    }
-
-    /// The table the records live in.
-    pub fn table(&self) -> &str {
-        self.table.name()
-    }
-
     /// Opens (creating if missing) the database at `url`, such as `sqlite://idem.db`, in WAL
     /// mode with a 5 second busy timeout.
     ///
@@ -160,12 +134,6 @@ impl SqliteStore {
         Ok(Self::new(pool))
     }
 
-    /// The same store on another clock (a [`ManualClock`](crate::clock::ManualClock) in tests).
-    pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.table.clock = Arc::new(clock);
-        self
-    }
-
     /// Creates the table and its index if they do not exist; safe to run many times.
     ///
     /// # Errors
@@ -177,11 +145,6 @@ impl SqliteStore {
             .await
             .map_err(store_error::<Sqlite>)?;
         Ok(())
-    }
-
-    /// The pool the store runs on.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.table.pool
     }
 
     async fn try_claim(
@@ -235,40 +198,4 @@ impl SqliteStore {
     }
 }
 
-impl Store for SqliteStore {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Option<&Fingerprint>,
-        lease: Duration,
-    ) -> Result<Claim, Error> {
-        sql::claim::<Sqlite, _, _>(key, || self.try_claim(key, fingerprint, lease)).await
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        lease: &Lease,
-        result: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        self.table.complete(key, lease, result, ttl).await
-    }
-
-    async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
-        self.table.release(key, lease).await
-    }
-
-    async fn extend(
-        &self,
-        key: &RecordKey,
-        lease: &Lease,
-        duration: Duration,
-    ) -> Result<Lease, Error> {
-        self.table.extend(key, lease, duration).await
-    }
-
-    async fn purge_expired(&self, limit: u32) -> Result<u64, Error> {
-        self.table.purge_expired(limit).await
-    }
-}
+sql::sql_store!(SqliteStore, Sqlite, SqlitePool);
