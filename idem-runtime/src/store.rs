@@ -83,7 +83,8 @@ pub enum Claim {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an idem store",
     label = "the `store` option must give a value implementing `idem_runtime::Store`",
-    note = "use a `MemoryStore`, a `SqliteStore`, or a reference or `Arc` to one"
+    note = "use one of idem's stores (`MemoryStore`, `SqliteStore`, `PostgresStore`, `MySqlStore`, \
+            `RedisStore`), or a reference, `Arc` or `Box` of one"
 )]
 pub trait Store: Send + Sync {
     /// Claims `key` for a lease of `lease`, or reports what holds it.
