@@ -328,3 +328,53 @@ async fn sweeper_works_off_a_backlog() {
     let store = Arc::new(mysql_store(pool, clock.clone()).await);
     idem_tests::sweeping::sweeper_works_off_a_backlog(store, clock).await;
 }
+
+/// A fence at `i64::MAX` cannot rise: the takeover fails as a record that does not decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fence_at_its_maximum_is_a_decode_error() {
+    let Some(pool) = mysql_pool().await else {
+        return;
+    };
+    let clock = ManualClock::new(START_MILLIS);
+    let store = mysql_store(pool, clock.clone()).await;
+    let key = key("max-fence");
+    let Claim::Acquired(_) = store.claim(&key, None, LEASE).await.expect("claim") else {
+        panic!("a new key is acquired");
+    };
+    tamper(&store.store, &key, "fence = 9223372036854775807").await;
+    clock.advance(LEASE);
+    assert_decode_error(store.claim(&key, None, LEASE).await, &key, "fence");
+}
+
+/// A 63-byte table name, the longest there is, gets its table and its expiry index (MySQL
+/// refuses index names over 64 bytes, so `<table>_expires_at` cannot be used as is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn longest_table_names_get_their_own_expiry_index() {
+    let Some(pool) = mysql_pool().await else {
+        return;
+    };
+    let base = servers::unique_name("idem_long");
+    let table = format!("{base}{}", "x".repeat(63 - base.len()));
+    let _drop = DropTable {
+        server: Server::Mysql,
+        table: table.clone(),
+    };
+    let store = MySqlStore::new(pool.clone())
+        .with_table(&table)
+        .expect("63 bytes is a valid name");
+    store.migrate().await.expect("migrate");
+    store.migrate().await.expect("migrate again");
+    let indexes: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT CAST(index_name AS CHAR) FROM information_schema.statistics
+         WHERE table_schema = DATABASE() AND table_name = ?",
+    )
+    .bind(&table)
+    .fetch_all(&pool)
+    .await
+    .expect("read the indexes");
+    assert_eq!(
+        indexes.len(),
+        2,
+        "the key and the expiry index: {indexes:?}"
+    );
+}

@@ -316,3 +316,234 @@ async fn sweeper_works_off_a_backlog() {
     let store = Arc::new(postgres_store(pool, clock.clone()).await);
     idem_tests::sweeping::sweeper_works_off_a_backlog(store, clock).await;
 }
+
+/// What a claim meets while another transaction has changed the record but not committed.
+/// Its `ON CONFLICT` waits for that transaction; the snapshot of its read, taken before, does
+/// not show the outcome, so the claim must look again rather than answer from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_racing_uncommitted_transactions_see_their_outcome() {
+    let Some(pool) = postgres_pool().await else {
+        return;
+    };
+    let store = postgres_store(pool, ManualClock::new(START_MILLIS)).await;
+    let table = store.store.table().to_owned();
+    let live = START_MILLIS + 30_000;
+    let insert = format!(
+        "INSERT INTO {table} (scope, business_key, completed, owner, fence, lease_until, expires_at)
+         VALUES ($1, $2, FALSE, 'other', 1, {live}, {live})"
+    );
+    let dead = format!(
+        "INSERT INTO {table} (scope, business_key, completed, owner, fence, lease_until, expires_at)
+         VALUES ($1, $2, FALSE, 'crashed', 1, {START_MILLIS}, {START_MILLIS})"
+    );
+    let take_over = format!(
+        "UPDATE {table} SET owner = 'other', fence = fence + 1, lease_until = {live},
+         expires_at = {live} WHERE scope = $1 AND business_key = $2"
+    );
+    let delete = format!("DELETE FROM {table} WHERE scope = $1 AND business_key = $2");
+
+    // (case, committed first, left uncommitted while the claim runs, then committed?, expected)
+    let cases = [
+        ("insert-committed", None, &insert, true, "in progress"),
+        ("insert-rolled-back", None, &insert, false, "fence 1"),
+        (
+            "takeover-committed",
+            Some(&dead),
+            &take_over,
+            true,
+            "in progress",
+        ),
+        (
+            "takeover-rolled-back",
+            Some(&dead),
+            &take_over,
+            false,
+            "fence 2",
+        ),
+        ("purge-committed", Some(&dead), &delete, true, "fence 1"),
+    ];
+    for (name, before, during, commit, expected) in cases {
+        let key = key(name);
+        let run = |statement: &String| AssertSqlSafe(statement.clone());
+        if let Some(before) = before {
+            sqlx::query(run(before))
+                .bind(key.scope())
+                .bind(key.key())
+                .execute(store.store.pool())
+                .await
+                .expect("the record before");
+        }
+        let mut other = store.store.pool().begin().await.expect("begin");
+        let done = sqlx::query(run(during))
+            .bind(key.scope())
+            .bind(key.key())
+            .execute(&mut *other)
+            .await
+            .expect("the other transaction's statement");
+        assert_eq!(done.rows_affected(), 1, "{name}: {during}");
+
+        let claimer = tokio::spawn({
+            let (store, key) = (store.store.clone(), key.clone());
+            async move { store.claim(&key, None, LEASE).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !claimer.is_finished(),
+            "{name}: the claim did not wait for the uncommitted transaction"
+        );
+        if commit {
+            other.commit().await.expect("commit");
+        } else {
+            other.rollback().await.expect("roll back");
+        }
+        let found = tokio::time::timeout(Duration::from_secs(20), claimer)
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the claim hung"))
+            .expect("the claiming task panicked")
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        match (expected, &found) {
+            ("in progress", Claim::InProgress { retry_after }) if *retry_after == LEASE => {}
+            ("fence 1", Claim::Acquired(lease)) if lease.fence() == 1 => {}
+            ("fence 2", Claim::Acquired(lease)) if lease.fence() == 2 => {}
+            _ => panic!("{name}: expected {expected}, got {found:?}"),
+        }
+    }
+}
+
+/// A purge skips records another transaction has locked instead of waiting for it, and
+/// deletes them on a later run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purge_skips_locked_records_without_waiting() {
+    let Some(pool) = postgres_pool().await else {
+        return;
+    };
+    let clock = ManualClock::new(START_MILLIS);
+    let store = postgres_store(pool, clock.clone()).await;
+    for i in 0..3 {
+        let key = key(&format!("expired-{i}"));
+        let Claim::Acquired(lease) = store.claim(&key, None, LEASE).await.expect("claim") else {
+            panic!("a new key is acquired");
+        };
+        store.release(&key, &lease).await.expect("release");
+    }
+    let mut locker = store.store.pool().begin().await.expect("begin");
+    let locked = key("expired-1");
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT 1 FROM {} WHERE scope = $1 AND business_key = $2 FOR UPDATE",
+        store.store.table()
+    )))
+    .bind(locked.scope())
+    .bind(locked.key())
+    .fetch_one(&mut *locker)
+    .await
+    .expect("lock one record");
+
+    clock.advance(Duration::from_secs(1));
+    let purged = tokio::time::timeout(Duration::from_secs(10), store.purge_expired(100))
+        .await
+        .expect("the purge waited for a locked record");
+    assert_eq!(purged.expect("purge"), 2, "the 2 unlocked expired records");
+    locker.commit().await.expect("commit");
+    assert_eq!(store.purge_expired(100).await.expect("purge"), 1);
+    assert_eq!(store.purge_expired(100).await.expect("purge"), 0);
+}
+
+/// Keys and scopes that look like SQL, or hold quotes, backslashes, placeholders or NUL, are
+/// values: each is its own record and the table survives them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_that_look_like_sql_are_bound_values() {
+    let Some(pool) = postgres_pool().await else {
+        return;
+    };
+    let store = postgres_store(pool, ManualClock::new(START_MILLIS)).await;
+    let keys = [
+        RecordKey::new(SCOPE, "'; DROP TABLE idem_records; --").expect("key"),
+        RecordKey::new(SCOPE, "x' OR '1'='1").expect("key"),
+        RecordKey::new(SCOPE, "$1 $2 \\ \\x00 E'\\n'").expect("key"),
+        RecordKey::new(SCOPE, "nul\0inside").expect("key"),
+        RecordKey::new(SCOPE, "nul\0inside!").expect("key"),
+        RecordKey::new("scope'; --", "plain").expect("key"),
+        RecordKey::new(SCOPE, " padded ").expect("key"),
+        RecordKey::new(SCOPE, "padded").expect("key"),
+    ];
+    assert!(keys[3].key().starts_with(idem_runtime::HASHED_PREFIX));
+    for (i, key) in keys.iter().enumerate() {
+        let Claim::Acquired(lease) = store.claim(key, None, LEASE).await.expect("claim") else {
+            panic!("key {i} ({key}) collided with an earlier one");
+        };
+        store
+            .complete(key, &lease, format!("{i}").as_bytes(), TTL)
+            .await
+            .expect("complete");
+    }
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(
+            store.claim(key, None, LEASE).await.expect("claim"),
+            Claim::Completed(format!("{i}").into_bytes()),
+            "key {i} ({key}) replays its own result"
+        );
+    }
+}
+
+/// A fence at `i64::MAX` cannot rise: the takeover fails as a record that does not decode, and
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fence_at_its_maximum_is_a_decode_error() {
+    let Some(pool) = postgres_pool().await else {
+        return;
+    };
+    let clock = ManualClock::new(START_MILLIS);
+    let store = postgres_store(pool, clock.clone()).await;
+    let key = key("max-fence");
+    let Claim::Acquired(_) = store.claim(&key, None, LEASE).await.expect("claim") else {
+        panic!("a new key is acquired");
+    };
+    tamper(&store.store, &key, "fence = 9223372036854775807").await;
+    clock.advance(LEASE);
+    assert_decode_error(store.claim(&key, None, LEASE).await, &key, "fence");
+    let fence: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT fence FROM {} WHERE scope = $1 AND business_key = $2",
+        store.store.table()
+    )))
+    .bind(key.scope())
+    .bind(key.key())
+    .fetch_one(store.store.pool())
+    .await
+    .expect("read the fence");
+    assert_eq!(fence, i64::MAX, "the failed takeover changed the record");
+}
+
+/// A 63-byte table name, the longest there is, gets its table and its own expiry index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn longest_table_names_get_their_own_expiry_index() {
+    let Some(pool) = postgres_pool().await else {
+        return;
+    };
+    let base = servers::unique_name("idem_long");
+    let table = format!("{base}{}", "x".repeat(63 - base.len()));
+    let _drop = DropTable {
+        server: Server::Postgres,
+        table: table.clone(),
+    };
+    let store = PostgresStore::new(pool.clone())
+        .with_table(&table)
+        .expect("63 bytes is a valid name");
+    store.migrate().await.expect("migrate");
+    store.migrate().await.expect("migrate again");
+    let indexes: Vec<(String,)> = sqlx::query_as(
+        "SELECT indexname::TEXT FROM pg_indexes WHERE tablename = $1 ORDER BY indexname",
+    )
+    .bind(&table)
+    .fetch_all(&pool)
+    .await
+    .expect("read the indexes");
+    assert_eq!(
+        indexes.len(),
+        2,
+        "the key and the expiry index: {indexes:?}"
+    );
+    assert!(
+        indexes.iter().any(|(name,)| name.ends_with("_expires_at")),
+        "{indexes:?}"
+    );
+}

@@ -64,7 +64,7 @@ impl Statements {
     /// `table` must have passed `name::sql_identifier`.
     fn new(table: &str) -> Self {
         Self {
-            schema: SCHEMA.replace(DEFAULT_TABLE, table).into(),
+            schema: sql::schema_for(SCHEMA, table).into(),
             claim: format!(
                 "INSERT INTO {table}
     (scope, business_key, completed, owner, fence, lease_until, expires_at, fingerprint, result)
@@ -149,7 +149,7 @@ impl MySqlStore {
                 tracing::debug!(%error, "claim deadlocked; claiming again");
                 return Ok(None);
             }
-            Err(error) => return Err(store_error::<MySql>(error)),
+            Err(error) => return Err(sql::claim_error::<MySql>(key, error)),
         };
         // `LAST_INSERT_ID(expr)` in the statement: 1 inserted, the new fence taken over, 0
         // changed nothing.

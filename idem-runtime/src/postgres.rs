@@ -63,7 +63,7 @@ struct Statements {
 impl Statements {
     /// `table` must have passed `name::sql_identifier`.
     fn new(table: &str) -> Self {
-        let schema = SCHEMA.replace(DEFAULT_TABLE, table);
+        let schema = sql::schema_for(SCHEMA, table);
         Self {
             migrate: format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK});\n{schema}").into(),
             claim: format!(
@@ -156,7 +156,7 @@ impl PostgresStore {
             .bind(now)
             .fetch_optional(&self.table.pool)
             .await
-            .map_err(store_error::<Postgres>)?;
+            .map_err(|error| sql::claim_error::<Postgres>(key, error))?;
         let row = match row {
             Some(row) => row,
             // The record was inserted by a claim that committed after this statement's

@@ -117,6 +117,32 @@ impl Shared {
     }
 }
 
+/// The schema `schema` (written for `idem_records`) for the table `table`. Its expiry index is
+/// `<table>_expires_at`, unless that would pass 63 bytes (PostgreSQL cuts longer names, so the
+/// index of a 63-byte table would be named like the table and silently not created; MySQL
+/// refuses names over 64): then it is the first 42 bytes of the table name, `_`, 8 hex digits of the
+/// name's SHA-256, and `_expires_at`.
+pub(crate) fn schema_for(schema: &str, table: &str) -> String {
+    use sha2::{Digest, Sha256};
+    const DEFAULT_INDEX: &str = "idem_records_expires_at";
+    let mut index = format!("{table}_expires_at");
+    if index.len() > name::MAX_IDENTIFIER_LEN {
+        let digest = Sha256::digest(table.as_bytes());
+        // `table` is ASCII (a checked identifier), so any byte index is a char boundary.
+        index = format!(
+            "{}_{:02x}{:02x}{:02x}{:02x}_expires_at",
+            &table[..42],
+            digest[0],
+            digest[1],
+            digest[2],
+            digest[3]
+        );
+    }
+    schema
+        .replace(DEFAULT_INDEX, &index)
+        .replace("idem_records", table)
+}
+
 /// A statement built from a checked identifier and fixed text, every value bound.
 pub(crate) fn sql(statement: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
     AssertSqlSafe(statement.clone())
@@ -271,6 +297,18 @@ where
     Err(store_error::<DB>(format!(
         "the record for {key} kept changing during {CLAIM_ATTEMPTS} claim attempts"
     )))
+}
+
+/// The error of a claim statement: an arithmetic overflow (SQLSTATE 22003) can only come from
+/// raising a stored fence that is already at its maximum, a record no claim writes, so it is
+/// [`Error::Decode`]; anything else is [`Error::Store`].
+pub(crate) fn claim_error<DB: Backend>(key: &RecordKey, error: sqlx::Error) -> Error {
+    match &error {
+        sqlx::Error::Database(database) if database.code().as_deref() == Some("22003") => {
+            decode_error(key, format!("`fence` cannot rise: {database}"))
+        }
+        _ => store_error::<DB>(error),
+    }
 }
 
 /// [`Error::Store`] from the driver of `DB`.
@@ -449,3 +487,33 @@ macro_rules! sql_store {
 }
 
 pub(crate) use sql_store;
+
+#[cfg(test)]
+mod tests {
+    use super::schema_for;
+
+    #[test]
+    fn long_table_names_get_an_index_name_of_their_own() {
+        let schema = "CREATE TABLE idem_records (x INT);\nCREATE INDEX idem_records_expires_at ON idem_records (x);";
+        assert_eq!(
+            schema_for(schema, "points"),
+            "CREATE TABLE points (x INT);\nCREATE INDEX points_expires_at ON points (x);"
+        );
+        for length in [52, 53, 62, 63] {
+            let table = "t".repeat(length);
+            let created = schema_for(schema, &table);
+            let index = created
+                .split_whitespace()
+                .find(|word| word.ends_with("_expires_at"))
+                .expect("an index name");
+            assert!(index.len() <= 63, "{index}");
+            assert_ne!(index, table);
+            assert!(created.contains(&format!("CREATE TABLE {table} ")));
+        }
+        assert_ne!(
+            schema_for(schema, &"a".repeat(63)),
+            schema_for(schema, &format!("{}b", "a".repeat(62))),
+            "two long names keep two index names"
+        );
+    }
+}

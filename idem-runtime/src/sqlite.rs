@@ -44,7 +44,7 @@ impl Statements {
     /// `table` must have passed `name::sql_identifier`.
     fn new(table: &str) -> Self {
         Self {
-            schema: SCHEMA.replace(DEFAULT_TABLE, table).into(),
+            schema: sql::schema_for(SCHEMA, table).into(),
             claim: format!(
                 "INSERT INTO {table}
     (scope, business_key, completed, owner, fence, lease_until, expires_at, fingerprint, result)
