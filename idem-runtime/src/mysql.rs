@@ -49,9 +49,6 @@ pub const SCHEMA: &str = include_str!("../sql/mysql.sql");
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "idem_records";
 
-/// The SQLSTATE of a deadlock (InnoDB error 1213).
-const DEADLOCK: &str = "40001";
-
 /// The statements of one table, built once from its checked name.
 #[derive(Debug)]
 struct Statements {
@@ -126,6 +123,7 @@ impl MySqlStore {
 
     async fn try_claim(
         &self,
+        connection: &mut sqlx::MySqlConnection,
         key: &RecordKey,
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
@@ -141,16 +139,9 @@ impl MySqlStore {
             .bind(until)
             .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
             .bind(now)
-            .execute(&self.table.pool)
+            .execute(&mut *connection)
             .await;
-        let claimed = match claimed {
-            Ok(claimed) => claimed,
-            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(DEADLOCK) => {
-                tracing::debug!(%error, "claim deadlocked; claiming again");
-                return Ok(None);
-            }
-            Err(error) => return Err(sql::claim_error::<MySql>(key, error)),
-        };
+        let claimed = claimed.map_err(|error| sql::claim_error::<MySql>(key, error))?;
         // `LAST_INSERT_ID(expr)` in the statement: 1 inserted, the new fence taken over, 0
         // changed nothing.
         match i64::try_from(claimed.last_insert_id()) {
@@ -170,7 +161,7 @@ impl MySqlStore {
         let Some(row) = sqlx::query(sql(&self.statements.read))
             .bind(key.scope())
             .bind(key.key())
-            .fetch_optional(&self.table.pool)
+            .fetch_optional(&mut *connection)
             .await
             .map_err(store_error::<MySql>)?
         else {

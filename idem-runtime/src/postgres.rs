@@ -140,6 +140,7 @@ impl PostgresStore {
 
     async fn try_claim(
         &self,
+        connection: &mut sqlx::PgConnection,
         key: &RecordKey,
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
@@ -154,7 +155,7 @@ impl PostgresStore {
             .bind(until)
             .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
             .bind(now)
-            .fetch_optional(&self.table.pool)
+            .fetch_optional(&mut *connection)
             .await
             .map_err(|error| sql::claim_error::<Postgres>(key, error))?;
         let row = match row {
@@ -164,7 +165,7 @@ impl PostgresStore {
             None => match sqlx::query(sql(&self.statements.read))
                 .bind(key.scope())
                 .bind(key.key())
-                .fetch_optional(&self.table.pool)
+                .fetch_optional(&mut *connection)
                 .await
                 .map_err(store_error::<Postgres>)?
             {

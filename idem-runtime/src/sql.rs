@@ -282,7 +282,9 @@ where
     }
 }
 
-/// Runs `attempt` until it settles the claim (`Some`), at most [`CLAIM_ATTEMPTS`] times.
+/// Runs `attempt` until it settles the claim (`Some`), at most [`CLAIM_ATTEMPTS`] times; a
+/// deadlock or serialization failure (SQLSTATE 40001 or 40P01), which rolled the statement
+/// back, is attempted again too.
 pub(crate) async fn claim<DB, F, Fut>(key: &RecordKey, mut attempt: F) -> Result<Claim, Error>
 where
     DB: Backend,
@@ -290,8 +292,13 @@ where
     Fut: Future<Output = Result<Option<Claim>, Error>>,
 {
     for _ in 0..CLAIM_ATTEMPTS {
-        if let Some(claim) = attempt().await? {
-            return Ok(claim);
+        match attempt().await {
+            Ok(Some(claim)) => return Ok(claim),
+            Ok(None) => {}
+            Err(error) if is_conflict(&error) => {
+                tracing::debug!(%error, "the claim met a deadlock; claiming again");
+            }
+            Err(error) => return Err(error),
         }
     }
     Err(store_error::<DB>(format!(
@@ -308,6 +315,21 @@ pub(crate) fn claim_error<DB: Backend>(key: &RecordKey, error: sqlx::Error) -> E
             decode_error(key, format!("`fence` cannot rise: {database}"))
         }
         _ => store_error::<DB>(error),
+    }
+}
+
+/// Whether `error` is a deadlock or serialization failure: the database rolled the
+/// statement back, and running it again may succeed.
+fn is_conflict(error: &Error) -> bool {
+    let Error::Store(store) = error else {
+        return false;
+    };
+    let source = std::error::Error::source(store);
+    match source.and_then(|source| source.downcast_ref::<sqlx::Error>()) {
+        Some(sqlx::Error::Database(database)) => {
+            matches!(database.code().as_deref(), Some("40001" | "40P01"))
+        }
+        _ => false,
     }
 }
 
@@ -452,8 +474,16 @@ macro_rules! sql_store {
                 fingerprint: Option<&Fingerprint>,
                 lease: ::std::time::Duration,
             ) -> Result<Claim, Error> {
-                $crate::sql::claim::<$db, _, _>(key, || self.try_claim(key, fingerprint, lease))
-                    .await
+                $crate::sql::claim::<$db, _, _>(key, || async {
+                    let mut connection = self
+                        .table
+                        .pool
+                        .acquire()
+                        .await
+                        .map_err($crate::sql::store_error::<$db>)?;
+                    self.try_claim(&mut connection, key, fingerprint, lease).await
+                })
+                .await
             }
 
             async fn complete(

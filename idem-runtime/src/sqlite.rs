@@ -149,6 +149,7 @@ impl SqliteStore {
 
     async fn try_claim(
         &self,
+        connection: &mut sqlx::SqliteConnection,
         key: &RecordKey,
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
@@ -163,7 +164,7 @@ impl SqliteStore {
             .bind(until)
             .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
             .bind(now)
-            .fetch_optional(&self.table.pool)
+            .fetch_optional(&mut *connection)
             .await
             .map_err(store_error::<Sqlite>)?;
         if let Some(row) = claimed {
@@ -175,7 +176,7 @@ impl SqliteStore {
         let Some(row) = sqlx::query(sql(&self.statements.read))
             .bind(key.scope())
             .bind(key.key())
-            .fetch_optional(&self.table.pool)
+            .fetch_optional(&mut *connection)
             .await
             .map_err(store_error::<Sqlite>)?
         else {
