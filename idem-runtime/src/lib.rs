@@ -89,6 +89,8 @@ pub mod sqlite;
 
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub mod tx;
 
 #[doc(hidden)]
 #[path = "private.rs"]

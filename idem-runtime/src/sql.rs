@@ -13,6 +13,7 @@ use sqlx::{AssertSqlSafe, Database, Encode, Executor, IntoArguments, Pool, Type}
 use crate::clock::{self, Clock, SystemClock};
 use crate::name;
 use crate::store::{Claim, Lease, lease_lost};
+use crate::tx::TxClaim;
 use crate::{Error, Fingerprint, RecordKey, StoreError};
 
 /// A database the SQL stores run on.
@@ -211,14 +212,19 @@ where
         &self.name
     }
 
-    /// Records `result` for the held `lease`, kept for `ttl`.
-    pub(crate) async fn complete(
+    /// Records `result` for the held `lease`, kept for `ttl`, through `executor` (the pool,
+    /// or the connection of a transaction).
+    pub(crate) async fn complete<'c, E>(
         &self,
+        executor: E,
         key: &RecordKey,
         lease: &Lease,
         result: &[u8],
         ttl: Duration,
-    ) -> Result<(), Error> {
+    ) -> Result<(), Error>
+    where
+        E: Executor<'c, Database = DB>,
+    {
         let expires_at = clock::deadline(self.clock.now_millis(), ttl);
         let done = sqlx::query::<DB>(sql(&self.shared.complete))
             .bind(result)
@@ -227,7 +233,7 @@ where
             .bind(key.key())
             .bind(lease.owner())
             .bind(fence_param(key, lease)?)
-            .execute(&self.pool)
+            .execute(executor)
             .await
             .map_err(store_error::<DB>)?;
         if DB::rows_affected(&done) == 0 {
@@ -333,6 +339,79 @@ fn is_conflict(error: &Error) -> bool {
     }
 }
 
+/// The savepoint a claim in a transaction sets (`tx` strategy).
+pub(crate) const SAVEPOINT: &str = "SAVEPOINT idem_tx";
+
+/// Ends the savepoint, keeping what was written since.
+pub(crate) const RELEASE: &str = "RELEASE SAVEPOINT idem_tx";
+
+/// Undoes what was written since the savepoint.
+const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT idem_tx";
+
+/// Runs a savepoint statement on `connection` (text protocol: not every database prepares
+/// these).
+pub(crate) async fn savepoint<DB>(
+    connection: &mut DB::Connection,
+    statement: &'static str,
+) -> Result<(), Error>
+where
+    DB: Backend,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    sqlx::raw_sql(AssertSqlSafe(statement))
+        .execute(&mut *connection)
+        .await
+        .map_err(store_error::<DB>)?;
+    Ok(())
+}
+
+/// Rolls back to the savepoint and ends it.
+pub(crate) async fn abandon<DB>(connection: &mut DB::Connection) -> Result<(), Error>
+where
+    DB: Backend,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    savepoint::<DB>(connection, ROLLBACK).await?;
+    savepoint::<DB>(connection, RELEASE).await
+}
+
+/// What a claim in a transaction tells its caller; anything but an acquired key undoes the
+/// savepoint first.
+pub(crate) async fn settle_in<DB>(
+    connection: &mut DB::Connection,
+    key: &RecordKey,
+    claim: Result<Option<Claim>, Error>,
+) -> Result<TxClaim, Error>
+where
+    DB: Backend,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    let settled = match claim {
+        Ok(Some(Claim::Acquired(lease))) => return Ok(TxClaim::Run(lease)),
+        Ok(Some(Claim::Completed(stored))) => Ok(TxClaim::Completed(stored)),
+        Ok(Some(Claim::InProgress { retry_after })) => Err(Error::InProgress {
+            scope: key.scope().to_owned(),
+            key: key.key().to_owned(),
+            retry_after,
+        }),
+        Ok(Some(Claim::Mismatch)) => Err(Error::FingerprintMismatch {
+            scope: key.scope().to_owned(),
+            key: key.key().to_owned(),
+        }),
+        Ok(None) => Err(store_error::<DB>(format!(
+            "the record for {key} kept changing during {CLAIM_ATTEMPTS} claim attempts"
+        ))),
+        Err(error) => Err(error),
+    };
+    let undone = abandon::<DB>(connection).await;
+    // The claim's own error says more than a failed rollback after it.
+    match (settled, undone) {
+        (Err(error), _) => Err(error),
+        (Ok(_), Err(error)) => Err(error),
+        (Ok(settled), Ok(())) => Ok(settled),
+    }
+}
+
 /// [`Error::Store`] from the driver of `DB`.
 pub(crate) fn store_error<DB: Backend>(source: impl Into<crate::BoxError>) -> Error {
     Error::Store(StoreError::new(DB::BACKEND, source))
@@ -340,7 +419,7 @@ pub(crate) fn store_error<DB: Backend>(source: impl Into<crate::BoxError>) -> Er
 
 /// How many times a claim is retried when the record it found vanished or expired between
 /// the claim statement and the read that follows it.
-const CLAIM_ATTEMPTS: usize = 8;
+pub(crate) const CLAIM_ATTEMPTS: usize = 8;
 
 /// A record as a SQL store reads it when its claim statement changed nothing.
 pub(crate) struct Found {
@@ -467,6 +546,49 @@ macro_rules! sql_store {
             }
         }
 
+        impl $crate::tx::TxStore for $store {
+            type Database = $db;
+
+            async fn claim_in(
+                &self,
+                connection: &mut <$db as ::sqlx::Database>::Connection,
+                key: &RecordKey,
+                fingerprint: Option<&Fingerprint>,
+                lease: ::std::time::Duration,
+            ) -> Result<$crate::tx::TxClaim, Error> {
+                $crate::sql::savepoint::<$db>(connection, $crate::sql::SAVEPOINT).await?;
+                let mut claim = Ok(None);
+                for _ in 0..$crate::sql::CLAIM_ATTEMPTS {
+                    claim = self.try_claim(connection, key, fingerprint, lease).await;
+                    if !matches!(claim, Ok(None)) {
+                        break;
+                    }
+                }
+                $crate::sql::settle_in::<$db>(connection, key, claim).await
+            }
+
+            async fn complete_in(
+                &self,
+                connection: &mut <$db as ::sqlx::Database>::Connection,
+                key: &RecordKey,
+                lease: &Lease,
+                result: &[u8],
+                ttl: ::std::time::Duration,
+            ) -> Result<(), Error> {
+                self.table
+                    .complete(&mut *connection, key, lease, result, ttl)
+                    .await?;
+                $crate::sql::savepoint::<$db>(connection, $crate::sql::RELEASE).await
+            }
+
+            async fn abandon_in(
+                &self,
+                connection: &mut <$db as ::sqlx::Database>::Connection,
+            ) -> Result<(), Error> {
+                $crate::sql::abandon::<$db>(connection).await
+            }
+        }
+
         impl $crate::Store for $store {
             async fn claim(
                 &self,
@@ -481,7 +603,8 @@ macro_rules! sql_store {
                         .acquire()
                         .await
                         .map_err($crate::sql::store_error::<$db>)?;
-                    self.try_claim(&mut connection, key, fingerprint, lease).await
+                    self.try_claim(&mut connection, key, fingerprint, lease)
+                        .await
                 })
                 .await
             }
@@ -493,7 +616,9 @@ macro_rules! sql_store {
                 result: &[u8],
                 ttl: ::std::time::Duration,
             ) -> Result<(), Error> {
-                self.table.complete(key, lease, result, ttl).await
+                self.table
+                    .complete(&self.table.pool, key, lease, result, ttl)
+                    .await
             }
 
             async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {

@@ -1,0 +1,93 @@
+//! The `tx` strategy: the record is written in the handler's own database transaction.
+//!
+//! With the `claim` strategy a crash between the body's effect and the record of its result
+//! lets a redelivery run the body again. When the body's effects are writes to the same
+//! database as the store, `tx` closes that gap: the claim, the body's writes and the stored
+//! result are one transaction, so they are committed together or not at all.
+//!
+//! In the caller's transaction (a `sqlx::Transaction`, or any connection in a transaction):
+//!
+//! 1. [`TxStore::claim_in`] sets the savepoint `idem_tx` and claims the key with the store's
+//!    usual claim statement. A concurrent duplicate's claim waits on the record's row lock
+//!    until this transaction ends: after a commit it finds the completed record and replays
+//!    it; after a rollback it claims the key itself. A key completed before replays at once
+//!    ([`TxClaim::Completed`]) and the savepoint is undone.
+//! 2. The body writes through the same transaction.
+//! 3. [`TxStore::complete_in`] records the result in the transaction (the savepoint is
+//!    released); the caller commits. If the body fails, [`TxStore::abandon_in`] rolls back to
+//!    the savepoint: the claim and every write since are undone, and the transaction can go on
+//!    or be rolled back. A crash or a dropped transaction rolls everything back, so the next
+//!    delivery runs the body again, once.
+//!
+//! The transaction must run at `READ COMMITTED` (PostgreSQL's and MySQL's usual level for
+//! such work): at `REPEATABLE READ` a claim that waited for a concurrent commit fails with a
+//! serialization error instead of replaying. On SQLite, begin the transaction with
+//! `BEGIN IMMEDIATE` if it reads before the handler runs, so that taking the write lock
+//! cannot fail.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::{Error, Fingerprint, Lease, RecordKey, Store};
+
+/// What a claim inside a transaction found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxClaim {
+    /// The key is claimed in this transaction: run the body on it, then
+    /// [`complete_in`](TxStore::complete_in) (or [`abandon_in`](TxStore::abandon_in) if the
+    /// body failed).
+    Run(Lease),
+    /// The key was completed and committed before: the stored result. Nothing was written.
+    Completed(Vec<u8>),
+}
+
+/// A store whose records can be written in the caller's own database transaction: the SQL
+/// stores.
+pub trait TxStore: Store {
+    /// The database the store is in.
+    type Database: sqlx::Database;
+
+    /// Sets the savepoint `idem_tx` in the transaction on `connection` and claims `key` there
+    /// (see the [module](self)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::FingerprintMismatch`] for a key used with another payload,
+    /// [`Error::InProgress`] for a key another call holds under the `claim` strategy,
+    /// [`Error::Store`] and [`Error::Decode`] as for [`Store::claim`]. The savepoint is undone
+    /// when the claim does not acquire the key.
+    fn claim_in(
+        &self,
+        connection: &mut <Self::Database as sqlx::Database>::Connection,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> impl Future<Output = Result<TxClaim, Error>> + Send;
+
+    /// Records `result` for the claim `lease` in the transaction, kept for `ttl` once it is
+    /// committed, and releases the savepoint.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::LeaseLost`] if the record is not this claim's, [`Error::Store`] if a
+    /// statement fails.
+    fn complete_in(
+        &self,
+        connection: &mut <Self::Database as sqlx::Database>::Connection,
+        key: &RecordKey,
+        lease: &Lease,
+        result: &[u8],
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Rolls the transaction back to the savepoint of [`claim_in`](TxStore::claim_in): the
+    /// claim and everything written since are undone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] if a statement fails (the transaction is then best rolled back).
+    fn abandon_in(
+        &self,
+        connection: &mut <Self::Database as sqlx::Database>::Connection,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+}

@@ -1,0 +1,342 @@
+//! The `tx` strategy on PostgreSQL, MySQL / MariaDB and SQLite: the claim, the business write
+//! and the stored result in one transaction, driven through `idem_runtime::tx::TxStore`.
+//!
+//! The business is the seed articles' account: `{id = 1, money = 200}`, debited 50 by a
+//! message that may arrive many times, at once, or after a crash.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What a debit returns, and what duplicates get back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Receipt {
+    account: i64,
+    debited: i64,
+    balance: i64,
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3600);
+
+/// The same tests for each database: `$store` is the concrete store, `$db` its database,
+/// `$make` builds `Option<(Guarded store, Option<DropTable>)>` for a table name, `$p` turns a
+/// statement written with `?` into the database's placeholders.
+macro_rules! tx_tests {
+    ($name:ident, $store:ty, $db:ty, |$accounts:ident| $make:expr, $p:expr) => {
+        mod $name {
+            use std::sync::Arc;
+
+            use idem_runtime::tx::{TxClaim, TxStore};
+            use idem_runtime::{Error, RecordKey};
+            use idem_tests::Guarded;
+            use sqlx::{AssertSqlSafe, Transaction};
+            use tokio::sync::{Barrier, Notify};
+
+            use super::{LEASE, Receipt, TTL};
+
+            type Db = $db;
+
+            /// A store and a table of accounts holding `{id = 1, money = 200}`, both removed
+            /// when dropped.
+            struct Bank {
+                store: Guarded<$store>,
+                accounts: String,
+                _drop: Box<dyn std::any::Any + Send + Sync>,
+            }
+
+            async fn bank() -> Option<Arc<Bank>> {
+                let $accounts = idem_tests::servers::unique_name("accounts");
+                let (store, drop) = $make?;
+                let accounts = $accounts;
+                let bank = Bank {
+                    store,
+                    accounts,
+                    _drop: drop,
+                };
+                bank.run(&format!(
+                    "CREATE TABLE {} (id BIGINT PRIMARY KEY, money BIGINT NOT NULL)",
+                    bank.accounts
+                ))
+                .await;
+                bank.run(&format!(
+                    "INSERT INTO {} (id, money) VALUES (1, 200)",
+                    bank.accounts
+                ))
+                .await;
+                Some(Arc::new(bank))
+            }
+
+            impl Bank {
+                fn store(&self) -> &$store {
+                    &self.store.store
+                }
+
+                async fn run(&self, statement: &str) {
+                    sqlx::raw_sql(AssertSqlSafe(statement.to_owned()))
+                        .execute(self.store().pool())
+                        .await
+                        .unwrap_or_else(|error| panic!("{statement}: {error}"));
+                }
+
+                async fn money(&self) -> i64 {
+                    let statement = format!("SELECT money FROM {} WHERE id = 1", self.accounts);
+                    sqlx::query_scalar(AssertSqlSafe(statement))
+                        .fetch_one(self.store().pool())
+                        .await
+                        .expect("read the account")
+                }
+
+                /// The body: debits `amount` from account 1 in `tx`, or fails after debiting
+                /// when `fail` is set.
+                async fn debit_in(
+                    &self,
+                    tx: &mut Transaction<'static, Db>,
+                    amount: i64,
+                    fail: bool,
+                ) -> Result<Receipt, Error> {
+                    let statement = ($p)(&format!(
+                        "UPDATE {} SET money = money - ? WHERE id = ?",
+                        self.accounts
+                    ));
+                    sqlx::query(AssertSqlSafe(statement))
+                        .bind(amount)
+                        .bind(1_i64)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(|error| {
+                            Error::Store(idem_runtime::StoreError::new("test", error))
+                        })?;
+                    if fail {
+                        return Err(Error::EmptyScope); // any error of the body
+                    }
+                    let statement = format!("SELECT money FROM {} WHERE id = 1", self.accounts);
+                    let balance: i64 = sqlx::query_scalar(AssertSqlSafe(statement))
+                        .fetch_one(&mut **tx)
+                        .await
+                        .map_err(|error| {
+                            Error::Store(idem_runtime::StoreError::new("test", error))
+                        })?;
+                    Ok(Receipt {
+                        account: 1,
+                        debited: amount,
+                        balance,
+                    })
+                }
+
+                /// One delivery of the debit message `key`, the way the `tx` strategy runs it:
+                /// claim in the transaction, body, record, commit.
+                async fn deliver(
+                    &self,
+                    key: &str,
+                    fail: bool,
+                    hold: Option<&Notify>,
+                ) -> Result<Receipt, Error> {
+                    let key = RecordKey::new("tests.tx.debit", key)?;
+                    let store = self.store();
+                    let mut tx = store.pool().begin().await.map_err(|error| {
+                        Error::Store(idem_runtime::StoreError::new("test", error))
+                    })?;
+                    let lease = match store.claim_in(&mut tx, &key, None, LEASE).await? {
+                        TxClaim::Completed(stored) => {
+                            return serde_json::from_slice(&stored).map_err(|error| {
+                                Error::Decode {
+                                    scope: key.scope().to_owned(),
+                                    key: key.key().to_owned(),
+                                    source: Box::new(error),
+                                }
+                            });
+                        }
+                        TxClaim::Run(lease) => lease,
+                    };
+                    let outcome = self.debit_in(&mut tx, 50, fail).await;
+                    if let Some(hold) = hold {
+                        hold.notify_one();
+                        std::future::pending::<()>().await; // "crash" here
+                    }
+                    match outcome {
+                        Ok(receipt) => {
+                            let stored =
+                                serde_json::to_vec(&receipt).expect("a receipt serializes");
+                            store
+                                .complete_in(&mut tx, &key, &lease, &stored, TTL)
+                                .await?;
+                            tx.commit().await.map_err(|error| {
+                                Error::Store(idem_runtime::StoreError::new("test", error))
+                            })?;
+                            Ok(receipt)
+                        }
+                        Err(error) => {
+                            store.abandon_in(&mut tx).await?;
+                            tx.commit().await.map_err(|error| {
+                                Error::Store(idem_runtime::StoreError::new("test", error))
+                            })?;
+                            Err(error)
+                        }
+                    }
+                }
+            }
+
+            const FIRST: Receipt = Receipt {
+                account: 1,
+                debited: 50,
+                balance: 150,
+            };
+
+            /// The seed scenario: the account is debited once however often the message comes.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn account_delivered_twice_is_debited_once() {
+                let Some(bank) = bank().await else {
+                    return;
+                };
+                assert_eq!(
+                    bank.deliver("pay-1", false, None).await.expect("first"),
+                    FIRST
+                );
+                assert_eq!(
+                    bank.deliver("pay-1", false, None).await.expect("duplicate"),
+                    FIRST,
+                    "the duplicate gets the stored receipt"
+                );
+                assert_eq!(bank.money().await, 150);
+                assert_eq!(
+                    bank.deliver("pay-2", false, None)
+                        .await
+                        .expect("another")
+                        .balance,
+                    100
+                );
+            }
+
+            /// 64 deliveries at once, each in its own transaction: one debit; the others wait
+            /// for it to commit and replay its receipt.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_deliveries_debit_once() {
+                let Some(bank) = bank().await else {
+                    return;
+                };
+                let start = Arc::new(Barrier::new(64));
+                let tasks: Vec<_> = (0..64)
+                    .map(|_| {
+                        let (bank, start) = (bank.clone(), start.clone());
+                        tokio::spawn(async move {
+                            start.wait().await;
+                            bank.deliver("pay-1", false, None).await
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    assert_eq!(task.await.expect("task").expect("delivery"), FIRST);
+                }
+                assert_eq!(bank.money().await, 150);
+            }
+
+            /// A body that fails after its write leaves nothing: the write and the claim are
+            /// rolled back to the savepoint, and the redelivery debits once.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn failed_body_leaves_no_partial_effect() {
+                let Some(bank) = bank().await else {
+                    return;
+                };
+                let failed = bank.deliver("pay-1", true, None).await;
+                assert!(matches!(failed, Err(Error::EmptyScope)), "{failed:?}");
+                assert_eq!(bank.money().await, 200, "the failed debit was undone");
+                assert_eq!(
+                    bank.deliver("pay-1", false, None).await.expect("retry"),
+                    FIRST
+                );
+                assert_eq!(bank.money().await, 150);
+            }
+
+            /// A delivery dropped mid-body (its transaction never commits) leaves nothing, and
+            /// the redelivery debits once, without waiting for a lease.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn dropped_delivery_leaves_no_partial_effect() {
+                let Some(bank) = bank().await else {
+                    return;
+                };
+                let written = Arc::new(Notify::new());
+                let crashing = tokio::spawn({
+                    let (bank, written) = (bank.clone(), written.clone());
+                    async move { bank.deliver("pay-1", false, Some(&written)).await }
+                });
+                written.notified().await;
+                crashing.abort();
+                assert!(crashing.await.expect_err("aborted").is_cancelled());
+                let redelivered = tokio::time::timeout(
+                    std::time::Duration::from_secs(20),
+                    bank.deliver("pay-1", false, None),
+                )
+                .await
+                .expect("the redelivery waited on the dropped transaction");
+                assert_eq!(redelivered.expect("redelivery"), FIRST);
+                assert_eq!(bank.money().await, 150);
+            }
+        }
+    };
+}
+
+/// `?` placeholders as they are (MySQL, SQLite).
+fn question_marks(statement: &str) -> String {
+    statement.to_owned()
+}
+
+/// `?` placeholders numbered `$1`, `$2`, … (PostgreSQL).
+fn numbered(statement: &str) -> String {
+    let mut numbered = String::with_capacity(statement.len() + 8);
+    let mut n = 0;
+    for c in statement.chars() {
+        if c == '?' {
+            n += 1;
+            numbered.push_str(&format!("${n}"));
+        } else {
+            numbered.push(c);
+        }
+    }
+    numbered
+}
+
+tx_tests!(
+    postgres,
+    idem_runtime::postgres::PostgresStore,
+    sqlx::Postgres,
+    |accounts| {
+        use idem_tests::sql_servers::{DropTable, Server, postgres_pool, postgres_store};
+        let store = postgres_store(postgres_pool().await?, idem_runtime::clock::SystemClock).await;
+        let drop = DropTable {
+            server: Server::Postgres,
+            table: accounts.clone(),
+        };
+        Some((store, Box::new(drop)))
+    },
+    super::numbered
+);
+
+tx_tests!(
+    mysql,
+    idem_runtime::mysql::MySqlStore,
+    sqlx::MySql,
+    |accounts| {
+        use idem_tests::sql_servers::{DropTable, Server, mysql_pool, mysql_store};
+        let store = mysql_store(mysql_pool().await?, idem_runtime::clock::SystemClock).await;
+        let drop = DropTable {
+            server: Server::Mysql,
+            table: accounts.clone(),
+        };
+        Some((store, Box::new(drop)))
+    },
+    super::question_marks
+);
+
+tx_tests!(
+    sqlite,
+    idem_runtime::sqlite::SqliteStore,
+    sqlx::Sqlite,
+    |accounts| {
+        // A file shared by a pool of several connections; the accounts table goes with it.
+        let store =
+            idem_tests::sqlite_file::FileStore::open("tx", idem_runtime::clock::SystemClock).await;
+        Some((store, Box::new(())))
+    },
+    super::question_marks
+);
