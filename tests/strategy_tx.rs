@@ -28,7 +28,7 @@ macro_rules! tx_tests {
             use std::sync::Arc;
 
             use idem_runtime::tx::{TxClaim, TxStore};
-            use idem_runtime::{Error, RecordKey};
+            use idem_runtime::{Error, RecordKey, idempotent};
             use idem_tests::Guarded;
             use sqlx::{AssertSqlSafe, Transaction};
             use tokio::sync::{Barrier, Notify};
@@ -175,6 +175,83 @@ macro_rules! tx_tests {
                         }
                     }
                 }
+            }
+
+            /// The same debit as a handler: `strategy = "tx"` claims the key in `tx`, runs
+            /// the body on it and records the receipt there; the caller commits.
+            #[idempotent(key = order_no, store = store, strategy = "tx", tx = tx, scope = "tests.tx.macro")]
+            async fn debit(
+                store: &$store,
+                tx: &mut Transaction<'_, Db>,
+                accounts: &str,
+                fail: bool,
+                order_no: &str,
+            ) -> Result<Receipt, Error> {
+                let statement = ($p)(&format!("UPDATE {accounts} SET money = money - ? WHERE id = ?"));
+                sqlx::query(AssertSqlSafe(statement))
+                    .bind(50_i64)
+                    .bind(1_i64)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(|error| Error::Store(idem_runtime::StoreError::new("test", error)))?;
+                if fail {
+                    return Err(Error::EmptyScope); // any error of the body
+                }
+                let statement = format!("SELECT money FROM {accounts} WHERE id = 1");
+                let balance: i64 = sqlx::query_scalar(AssertSqlSafe(statement))
+                    .fetch_one(&mut **tx)
+                    .await
+                    .map_err(|error| Error::Store(idem_runtime::StoreError::new("test", error)))?;
+                Ok(Receipt {
+                    account: 1,
+                    debited: 50,
+                    balance,
+                })
+            }
+
+            impl Bank {
+                /// One delivery through the `#[idempotent(strategy = "tx")]` handler, committed
+                /// whatever it returns (its failure is rolled back to its savepoint).
+                async fn deliver_to_handler(&self, order_no: &str, fail: bool) -> Result<Receipt, Error> {
+                    let store = self.store();
+                    let mut tx = store.pool().begin().await.expect("begin");
+                    let outcome = debit(store, &mut tx, &self.accounts, fail, order_no).await;
+                    tx.commit().await.expect("commit");
+                    outcome
+                }
+            }
+
+            /// The handler written with the attribute: twice, then 16 at once → one debit.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn handler_debits_once() {
+                let Some(bank) = bank().await else {
+                    return;
+                };
+                assert_eq!(bank.deliver_to_handler("order-1", false).await.expect("first"), FIRST);
+                assert_eq!(bank.deliver_to_handler("order-1", false).await.expect("again"), FIRST);
+                let tasks: Vec<_> = (0..16)
+                    .map(|_| {
+                        let bank = bank.clone();
+                        tokio::spawn(async move { bank.deliver_to_handler("order-1", false).await })
+                    })
+                    .collect();
+                for task in tasks {
+                    assert_eq!(task.await.expect("task").expect("replay"), FIRST);
+                }
+                assert_eq!(bank.money().await, 150);
+            }
+
+            /// The attribute's handler failing after its write: rolled back, retried once.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn handler_failure_rolls_back_its_writes() {
+                let Some(bank) = bank().await else {
+                    return;
+                };
+                let failed = bank.deliver_to_handler("order-1", true).await;
+                assert!(matches!(failed, Err(Error::EmptyScope)), "{failed:?}");
+                assert_eq!(bank.money().await, 200);
+                assert_eq!(bank.deliver_to_handler("order-1", false).await.expect("retry"), FIRST);
+                assert_eq!(bank.money().await, 150);
             }
 
             const FIRST: Receipt = Receipt {

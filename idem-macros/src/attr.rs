@@ -18,6 +18,7 @@ pub const OPTIONS: &[&str] = &[
     "wait",
     "heartbeat",
     "strategy",
+    "tx",
     "crate",
 ];
 
@@ -33,6 +34,7 @@ pub struct Options {
     pub wait: Option<DurationValue>,
     pub heartbeat: Option<LitBool>,
     pub strategy: Option<LitStr>,
+    pub tx: Option<Expr>,
     pub krate: Option<syn::Path>,
 }
 
@@ -191,6 +193,11 @@ fn option(
         "strategy" => {
             if let Some(lit) = string(&meta, &name, "`strategy = \"claim\"`", errors)? {
                 set(&mut options.strategy, lit, &name, errors);
+            }
+        }
+        "tx" => {
+            if let Some(value) = value(&meta, &name, errors)? {
+                set(&mut options.tx, value, &name, errors);
             }
         }
         "crate" => {

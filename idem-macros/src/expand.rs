@@ -7,7 +7,7 @@ use syn::spanned::Spanned;
 
 use crate::ast::Handler;
 use crate::attr::{self, DurationValue, Errors};
-use crate::valid::{self, FingerprintPlan, KeyPlan, Plan};
+use crate::valid::{self, FingerprintPlan, KeyPlan, Plan, Strategy};
 
 /// The whole macro on `proc_macro2` types: parse → validate → expand. On any error the
 /// function is emitted unchanged next to the errors, so the rest of the crate still type-checks.
@@ -106,7 +106,7 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
         }
     };
 
-    let mut policy = quote!(#krate::Policy::new());
+    let mut policy_expr = quote!(#krate::Policy::new());
     for (method, value) in [
         ("with_ttl", &plan.ttl),
         ("with_lease", &plan.lease),
@@ -116,18 +116,18 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
         match value {
             Some(DurationValue::Literal { lit, millis }) => {
                 let millis = Literal::u64_suffixed(*millis);
-                policy.extend(
+                policy_expr.extend(
                     quote_spanned!(lit.span()=> .#method(#private::Duration::from_millis(#millis))),
                 );
             }
             Some(DurationValue::Expr(expr)) => {
-                policy.extend(quote_spanned!(expr.span()=> .#method(#expr)));
+                policy_expr.extend(quote_spanned!(expr.span()=> .#method(#expr)));
             }
             None => {}
         }
     }
     if plan.heartbeat {
-        policy.extend(quote!(.with_heartbeat(true)));
+        policy_expr.extend(quote!(.with_heartbeat(true)));
     }
 
     // rustc reports a broken bound of `run` at the call and again at its `.await`: both are
@@ -137,10 +137,54 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
     let anchor = local("anchor");
     let at_output = Span::call_site().located_at(output.span());
     let path = respan(quote!(#private::run), at_output);
-    let args = quote!(#store_arg, #key, #fingerprint, #policy, #body);
-    let mut args = Group::new(Delimiter::Parenthesis, args);
-    args.set_span(at_output);
-    let run = quote_spanned!(at_output=> #path #args.await);
+    let body_block = quote! {
+        async {
+            #[allow(
+                unknown_lints,
+                unreachable_code,
+                clippy::diverging_sub_expression,
+                clippy::empty_loop,
+                clippy::let_unit_value,
+                clippy::needless_return,
+                clippy::unreachable
+            )]
+            if false {
+                let #anchor: #output = loop {};
+                return #anchor;
+            }
+            #(#stmts)*
+        }
+    };
+    let call = match (plan.strategy, &plan.tx) {
+        (Strategy::Tx, Some(tx)) => {
+            let (lease, span, policy) = (local("lease"), local("span"), local("policy"));
+            let begin = respan(quote!(#private::tx_begin), at_output);
+            let end = respan(quote!(#private::tx_end), at_output);
+            let tx = quote_spanned!(tx.span()=> &mut *(#tx));
+            quote! {
+                let #policy = #policy_expr;
+                let #span = #private::tx_span(&#key);
+                #private::Instrument::instrument(async {
+                    let (#key, #lease) = match #begin(#store_arg, #tx, #key, #fingerprint, #policy).await {
+                        #private::TxStep::Run(key, lease) => (key, lease),
+                        #private::TxStep::Done(done) => return done,
+                    };
+                    let #body = #body_block.await;
+                    #end(#store_arg, #tx, #key, #lease, #policy, #body).await
+                }, #span).await
+            }
+        }
+        _ => {
+            let args = quote!(#store_arg, #key, #fingerprint, #policy_expr, #body);
+            let mut args = Group::new(Delimiter::Parenthesis, args);
+            args.set_span(at_output);
+            let run = quote_spanned!(at_output=> #path #args.await);
+            quote! {
+                let #body = #body_block;
+                #run
+            }
+        }
+    };
     quote! {
         #(#outer)*
         #vis #sig {
@@ -148,23 +192,7 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
             #store_stmt
             #key_stmt
             #fingerprint_stmt
-            let #body = async {
-                #[allow(
-                    unknown_lints,
-                    unreachable_code,
-                    clippy::diverging_sub_expression,
-                    clippy::empty_loop,
-                    clippy::let_unit_value,
-                    clippy::needless_return,
-                    clippy::unreachable
-                )]
-                if false {
-                    let #anchor: #output = loop {};
-                    return #anchor;
-                }
-                #(#stmts)*
-            };
-            #run
+            #call
         }
     }
 }

@@ -8,7 +8,16 @@ use crate::ast::Handler;
 use crate::attr::{DurationValue, Errors, FingerprintValue, Key, Options};
 
 /// Strategies that later versions add; named so the error can say so.
-const LATER_STRATEGIES: &[&str] = &["tx", "version", "state"];
+const LATER_STRATEGIES: &[&str] = &["version", "state"];
+
+/// How the handler is made idempotent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Claim the key in the store, run the body, record the result.
+    Claim,
+    /// The claim, the body's writes and the result in the handler's own transaction.
+    Tx,
+}
 
 /// What the expansion generates, all checked.
 pub struct Plan {
@@ -22,6 +31,9 @@ pub struct Plan {
     pub wait: Option<DurationValue>,
     pub heartbeat: bool,
     pub output: Type,
+    pub strategy: Strategy,
+    /// The expression naming the transaction (`strategy = "tx"`).
+    pub tx: Option<Expr>,
 }
 
 /// Where the business key comes from.
@@ -53,7 +65,7 @@ pub fn validate(options: Options, handler: &Handler, errors: &mut Errors) -> Opt
         );
     }
     let output = output_type(&sig.output, sig.paren_token.span.close(), errors);
-    check_strategy(options.strategy.as_ref(), errors);
+    let strategy = check_strategy(&options, errors);
 
     if options.key.is_none() {
         errors.spanned(
@@ -92,6 +104,11 @@ pub fn validate(options: Options, handler: &Handler, errors: &mut Errors) -> Opt
         wait: options.wait,
         heartbeat: options.heartbeat.is_some_and(|switch| switch.value),
         output: output?,
+        tx: match strategy? {
+            Strategy::Tx => Some(options.tx?),
+            Strategy::Claim => None,
+        },
+        strategy: strategy?,
     })
 }
 
@@ -126,22 +143,70 @@ fn output_type(output: &ReturnType, close: Span, errors: &mut Errors) -> Option<
     None
 }
 
-fn check_strategy(strategy: Option<&LitStr>, errors: &mut Errors) {
-    let Some(strategy) = strategy else { return };
-    let name = strategy.value();
-    if name == "claim" {
-        return;
+/// The strategy, and the options that only one strategy takes.
+fn check_strategy(options: &Options, errors: &mut Errors) -> Option<Strategy> {
+    let strategy = match &options.strategy {
+        None => Strategy::Claim,
+        Some(lit) => match lit.value().as_str() {
+            "claim" => Strategy::Claim,
+            "tx" => Strategy::Tx,
+            name if LATER_STRATEGIES.contains(&name) => {
+                errors.spanned(
+                    lit.span(),
+                    format_args!("strategy `{name}` is not available in this version of idem; use `strategy = \"claim\"` (the default) or `strategy = \"tx\"`"),
+                );
+                return None;
+            }
+            name => {
+                errors.spanned(
+                    lit.span(),
+                    format_args!("unknown strategy `{name}`; the strategies are `claim` (the default) and `tx`: write `strategy = \"tx\"` or leave the option out"),
+                );
+                return None;
+            }
+        },
+    };
+    match strategy {
+        Strategy::Claim => {
+            if let Some(tx) = &options.tx {
+                errors.spanned(
+                    tx.span(),
+                    "`tx` means nothing with the `claim` strategy: to write the record in this transaction, add `strategy = \"tx\"`; otherwise leave `tx` out",
+                );
+            }
+        }
+        Strategy::Tx => {
+            if options.tx.is_none() {
+                let span = options
+                    .strategy
+                    .as_ref()
+                    .map_or_else(Span::call_site, LitStr::span);
+                errors.spanned(
+                    span,
+                    "strategy `tx` runs the handler in your database transaction: name the argument that holds it, e.g. `tx = tx` for an argument `tx: &mut sqlx::Transaction<'_, Postgres>`",
+                );
+            }
+            if let Some(wait) = &options.wait {
+                errors.spanned(
+                    duration_span(wait),
+                    "`wait` means nothing with `strategy = \"tx\"`: a duplicate already waits on the record's row lock until the first transaction ends; leave `wait` out",
+                );
+            }
+            if let Some(heartbeat) = &options.heartbeat {
+                errors.spanned(
+                    heartbeat.span(),
+                    "`heartbeat` means nothing with `strategy = \"tx\"`: the transaction holds the key until it ends; leave `heartbeat` out",
+                );
+            }
+        }
     }
-    if LATER_STRATEGIES.contains(&name.as_str()) {
-        errors.spanned(
-            strategy.span(),
-            format_args!("strategy `{name}` is not available in this version of idem; use `strategy = \"claim\"` (the default)"),
-        );
-    } else {
-        errors.spanned(
-            strategy.span(),
-            format_args!("unknown strategy `{name}`; the one strategy is `claim`: write `strategy = \"claim\"` or leave the option out"),
-        );
+    Some(strategy)
+}
+
+fn duration_span(value: &DurationValue) -> Span {
+    match value {
+        DurationValue::Literal { lit, .. } => lit.span(),
+        DurationValue::Expr(expr) => expr.span(),
     }
 }
 

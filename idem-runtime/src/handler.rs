@@ -329,7 +329,7 @@ where
 /// Serializes a result and checks that it decodes again: a value that does not survive the
 /// round trip (a map with non-string keys, a `NaN`, a type whose `Deserialize` rejects what
 /// its `Serialize` wrote) would otherwise be stored and fail every replay.
-fn encode<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, Error> {
+pub(crate) fn encode<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, Error> {
     let stored = serde_json::to_vec(value).map_err(|source| Error::Encode {
         what: "handler's result",
         source,
@@ -341,7 +341,7 @@ fn encode<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, Error> 
     Ok(stored)
 }
 
-fn decode<T: DeserializeOwned>(key: &RecordKey, stored: &[u8]) -> Result<T, Error> {
+pub(crate) fn decode<T: DeserializeOwned>(key: &RecordKey, stored: &[u8]) -> Result<T, Error> {
     serde_json::from_slice(stored).map_err(|source| Error::Decode {
         scope: key.scope().to_owned(),
         key: key.key().to_owned(),
@@ -349,7 +349,7 @@ fn decode<T: DeserializeOwned>(key: &RecordKey, stored: &[u8]) -> Result<T, Erro
     })
 }
 
-fn outcome_of(error: &Error) -> &'static str {
+pub(crate) fn outcome_of(error: &Error) -> &'static str {
     match error {
         Error::InProgress { .. } => "in_progress",
         Error::FingerprintMismatch { .. } => "mismatch",

@@ -9,6 +9,7 @@ use crate::{Error, Fingerprint, IdempotencyKey, Policy, RecordKey, Store};
 
 pub use core::{concat, module_path};
 pub use std::time::Duration;
+pub use tracing::Instrument;
 
 /// The return type of an idempotent handler, seen as a `Result`.
 #[diagnostic::on_unimplemented(
@@ -123,4 +124,175 @@ where
     };
     let body = async move { body.await.into_result() };
     R::from_result(crate::run(store, key, fingerprint, policy, body).await)
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub use self::tx::{TxConnection, TxStep, tx_begin, tx_end, tx_span};
+
+/// What `strategy = "tx"` expands to: [`tx_begin`], the body on the same transaction,
+/// [`tx_end`].
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod tx {
+    use tracing::Span;
+    use tracing::field::Empty;
+
+    use super::{HandlerError, HandlerResult, Replayable};
+    use crate::tx::{TxClaim, TxStore};
+    use crate::{Error, Fingerprint, Lease, Policy, RecordKey};
+
+    /// What the handler's `tx` argument may be: a transaction, or a connection in one.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is not a database transaction",
+        label = "`tx` must name the argument holding the transaction",
+        note = "take the transaction as `tx: &mut sqlx::Transaction<'_, Postgres>` (or MySql, \
+                Sqlite), of the database of the `store`"
+    )]
+    pub trait TxConnection<DB: sqlx::Database> {
+        /// The connection the transaction runs on.
+        fn connection(&mut self) -> &mut DB::Connection;
+    }
+
+    impl<DB: sqlx::Database> TxConnection<DB> for sqlx::Transaction<'_, DB> {
+        fn connection(&mut self) -> &mut DB::Connection {
+            self
+        }
+    }
+
+    macro_rules! connections {
+        ($($feature:literal => $db:ty, $connection:ty;)*) => {$(
+            #[cfg(feature = $feature)]
+            impl TxConnection<$db> for $connection {
+                fn connection(&mut self) -> &mut $connection {
+                    self
+                }
+            }
+        )*};
+    }
+
+    connections! {
+        "postgres" => sqlx::Postgres, sqlx::PgConnection;
+        "mysql" => sqlx::MySql, sqlx::MySqlConnection;
+        "sqlite" => sqlx::Sqlite, sqlx::SqliteConnection;
+    }
+
+    /// The next step of a `tx` handler.
+    pub enum TxStep<R> {
+        /// Run the body, then [`tx_end`].
+        Run(RecordKey, Lease),
+        /// Return this: the replayed result, or an error.
+        Done(R),
+    }
+
+    /// The `idempotent` span of a `tx` call.
+    pub fn tx_span(key: &Result<RecordKey, Error>) -> Span {
+        let (scope, key) = match key {
+            Ok(key) => (key.scope(), key.key()),
+            Err(_) => ("", ""),
+        };
+        tracing::info_span!(
+            "idempotent",
+            strategy = "tx",
+            scope,
+            key,
+            fence = Empty,
+            outcome = Empty,
+        )
+    }
+
+    /// Claims the key in the transaction (see [`TxStore::claim_in`]).
+    pub async fn tx_begin<R, S, C>(
+        store: &S,
+        tx: &mut C,
+        key: Result<RecordKey, Error>,
+        fingerprint: Option<Result<Fingerprint, Error>>,
+        policy: Policy,
+    ) -> TxStep<R>
+    where
+        R: HandlerResult,
+        R::Ok: Replayable,
+        R::Err: HandlerError,
+        S: TxStore + ?Sized,
+        C: TxConnection<S::Database> + ?Sized,
+    {
+        let span = Span::current();
+        let fail = |error: Error| {
+            span.record("outcome", crate::handler::outcome_of(&error));
+            tracing::debug!(%error, "body not run");
+            TxStep::Done(R::from_result(Err(R::Err::from(error))))
+        };
+        let key = match key {
+            Ok(key) => key,
+            Err(error) => return fail(error),
+        };
+        let fingerprint = match fingerprint.transpose() {
+            Ok(fingerprint) => fingerprint,
+            Err(error) => return fail(error),
+        };
+        match store
+            .claim_in(tx.connection(), &key, fingerprint.as_ref(), policy.lease())
+            .await
+        {
+            Ok(TxClaim::Run(lease)) => {
+                span.record("fence", lease.fence());
+                TxStep::Run(key, lease)
+            }
+            Ok(TxClaim::Completed(stored)) => {
+                span.record("outcome", "replayed");
+                tracing::debug!("replayed the stored result");
+                let replayed = crate::handler::decode(&key, &stored);
+                TxStep::Done(R::from_result(replayed.map_err(R::Err::from)))
+            }
+            Err(error) => fail(error),
+        }
+    }
+
+    /// Records the body's result in the transaction, or rolls its writes back to the
+    /// savepoint when it failed (or its result cannot be recorded).
+    pub async fn tx_end<R, S, C>(
+        store: &S,
+        tx: &mut C,
+        key: RecordKey,
+        lease: Lease,
+        policy: Policy,
+        output: R,
+    ) -> R
+    where
+        R: HandlerResult,
+        R::Ok: Replayable,
+        R::Err: HandlerError,
+        S: TxStore + ?Sized,
+        C: TxConnection<S::Database> + ?Sized,
+    {
+        let span = Span::current();
+        let recorded = match output.into_result() {
+            Err(error) => {
+                span.record("outcome", "failed");
+                Err(error)
+            }
+            Ok(value) => match crate::handler::encode(&value) {
+                Ok(stored) => match store
+                    .complete_in(tx.connection(), &key, &lease, &stored, policy.ttl())
+                    .await
+                {
+                    Ok(()) => {
+                        span.record("outcome", "executed");
+                        return R::from_result(Ok(value));
+                    }
+                    Err(error) => {
+                        span.record("outcome", crate::handler::outcome_of(&error));
+                        Err(R::Err::from(error))
+                    }
+                },
+                Err(error) => {
+                    span.record("outcome", "failed");
+                    Err(R::Err::from(error))
+                }
+            },
+        };
+        // Nothing of this call may be committed: undo its claim and its writes.
+        if let Err(error) = store.abandon_in(tx.connection()).await {
+            tracing::warn!(%error, "could not roll back to the savepoint; roll the transaction back");
+        }
+        R::from_result(recorded)
+    }
 }

@@ -91,3 +91,41 @@ pub trait TxStore: Store {
         connection: &mut <Self::Database as sqlx::Database>::Connection,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 }
+
+macro_rules! forward_tx_store {
+    ($($ptr:ty),*) => {$(
+        impl<S: TxStore + ?Sized> TxStore for $ptr {
+            type Database = S::Database;
+
+            fn claim_in(
+                &self,
+                connection: &mut <Self::Database as sqlx::Database>::Connection,
+                key: &RecordKey,
+                fingerprint: Option<&Fingerprint>,
+                lease: Duration,
+            ) -> impl Future<Output = Result<TxClaim, Error>> + Send {
+                (**self).claim_in(connection, key, fingerprint, lease)
+            }
+
+            fn complete_in(
+                &self,
+                connection: &mut <Self::Database as sqlx::Database>::Connection,
+                key: &RecordKey,
+                lease: &Lease,
+                result: &[u8],
+                ttl: Duration,
+            ) -> impl Future<Output = Result<(), Error>> + Send {
+                (**self).complete_in(connection, key, lease, result, ttl)
+            }
+
+            fn abandon_in(
+                &self,
+                connection: &mut <Self::Database as sqlx::Database>::Connection,
+            ) -> impl Future<Output = Result<(), Error>> + Send {
+                (**self).abandon_in(connection)
+            }
+        }
+    )*};
+}
+
+forward_tx_store!(&S, std::sync::Arc<S>, Box<S>);
