@@ -160,17 +160,27 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
             let (lease, span, policy) = (local("lease"), local("span"), local("policy"));
             let begin = respan(quote!(#private::tx_begin), at_output);
             let end = respan(quote!(#private::tx_end), at_output);
-            let tx = quote_spanned!(tx.span()=> &mut *(#tx));
+            // The transaction is passed as written: a `&mut` argument is reborrowed for each
+            // call, and anything else is reported at the `tx = …` expression.
+            let args = |rest: TokenStream| {
+                let mut args = Group::new(Delimiter::Parenthesis, quote!(#store_arg, #tx, #rest));
+                args.set_span(at_output);
+                args
+            };
+            let begin_args = args(quote!(#key, #fingerprint, #policy));
+            let end_args = args(quote!(#key, #lease, #policy, #body));
+            let begin = quote_spanned!(at_output=> #begin #begin_args.await);
+            let end = quote_spanned!(at_output=> #end #end_args.await);
             quote! {
                 let #policy = #policy_expr;
                 let #span = #private::tx_span(&#key);
                 #private::Instrument::instrument(async {
-                    let (#key, #lease) = match #begin(#store_arg, #tx, #key, #fingerprint, #policy).await {
+                    let (#key, #lease) = match #begin {
                         #private::TxStep::Run(key, lease) => (key, lease),
                         #private::TxStep::Done(done) => return done,
                     };
                     let #body = #body_block.await;
-                    #end(#store_arg, #tx, #key, #lease, #policy, #body).await
+                    #end
                 }, #span).await
             }
         }

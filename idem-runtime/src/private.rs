@@ -152,6 +152,7 @@ mod tx {
         fn connection(&mut self) -> &mut DB::Connection;
     }
 
+    #[diagnostic::do_not_recommend]
     impl<DB: sqlx::Database> TxConnection<DB> for sqlx::Transaction<'_, DB> {
         fn connection(&mut self) -> &mut DB::Connection {
             self
@@ -161,6 +162,7 @@ mod tx {
     macro_rules! connections {
         ($($feature:literal => $db:ty, $connection:ty;)*) => {$(
             #[cfg(feature = $feature)]
+            #[diagnostic::do_not_recommend]
             impl TxConnection<$db> for $connection {
                 fn connection(&mut self) -> &mut $connection {
                     self

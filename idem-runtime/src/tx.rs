@@ -43,6 +43,12 @@ pub enum TxClaim {
 
 /// A store whose records can be written in the caller's own database transaction: the SQL
 /// stores.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot keep records in your transaction",
+    label = "`strategy = \"tx\"` needs a SQL store here",
+    note = "use the `SqliteStore`, `PostgresStore` or `MySqlStore` of the database your transaction \
+            is on (or a reference or `Arc` of one)"
+)]
 pub trait TxStore: Store {
     /// The database the store is in.
     type Database: sqlx::Database;

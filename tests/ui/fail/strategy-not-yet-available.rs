@@ -14,7 +14,7 @@ impl From<idem_runtime::Error> for AppError {
     }
 }
 
-#[idempotent(key = "order_no", store = store, strategy = "tx")]
+#[idempotent(key = "order_no", store = store, strategy = "version")]
 async fn pay(store: &MemoryStore, msg: OrderPaid) -> Result<u32, AppError> {
     Ok(msg.order_no.len() as u32)
 }

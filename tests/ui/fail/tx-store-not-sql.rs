@@ -1,0 +1,32 @@
+// The `tx` strategy keeps its records in the transaction's database: a memory store cannot.
+use idem_runtime::postgres::PostgresStore;
+use idem_runtime::{MemoryStore, idempotent};
+use serde::Serialize;
+use sqlx::{Postgres, Transaction};
+
+#[derive(Serialize)]
+struct OrderPaid {
+    order_no: String,
+}
+
+struct AppError;
+
+impl From<idem_runtime::Error> for AppError {
+    fn from(_: idem_runtime::Error) -> Self {
+        AppError
+    }
+}
+
+#[idempotent(key = "order_no", store = store, strategy = "tx", tx = tx)]
+async fn pay(
+    store: &MemoryStore,
+    tx: &mut Transaction<'_, Postgres>,
+    msg: OrderPaid,
+) -> Result<usize, AppError> {
+    let _ = (tx, &msg);
+    Ok(1)
+}
+
+fn main() {
+    let _ = PostgresStore::new;
+}
