@@ -20,10 +20,12 @@ const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
 
 /// The same tests for each database: `$store` is the concrete store, `$db` its database,
-/// `$make` builds `Option<(Guarded store, Option<DropTable>)>` for a table name, `$p` turns a
-/// statement written with `?` into the database's placeholders.
+/// `$make` builds `Option<(Guarded store, guard)>` for a table name, `$p` turns a statement
+/// written with `?` into the database's placeholders, `$reads_first` says whether a
+/// transaction may read before its handler claims (not on SQLite, whose deferred transactions
+/// cannot then take the write lock).
 macro_rules! tx_tests {
-    ($name:ident, $store:ty, $db:ty, |$accounts:ident| $make:expr, $p:expr) => {
+    ($name:ident, $store:ty, $db:ty, |$accounts:ident| $make:expr, $p:expr, $reads_first:expr) => {
         mod $name {
             use std::sync::Arc;
 
@@ -254,6 +256,32 @@ macro_rules! tx_tests {
                 assert_eq!(bank.money().await, 150);
             }
 
+            /// A transaction that read before its handler ran, while a duplicate committed the
+            /// debit: the claim still finds the committed record and replays it (at MySQL's
+            /// `REPEATABLE READ` too, where the transaction's snapshot predates the commit).
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn duplicate_in_a_transaction_that_read_first_replays() {
+                if !$reads_first {
+                    return; // SQLite: begin with `BEGIN IMMEDIATE` instead (see `idem_runtime::tx`)
+                }
+                let Some(bank) = bank().await else {
+                    return;
+                };
+                let store = bank.store();
+                let mut late = store.pool().begin().await.expect("begin");
+                let statement = format!("SELECT money FROM {} WHERE id = 1", bank.accounts);
+                let seen: i64 = sqlx::query_scalar(AssertSqlSafe(statement))
+                    .fetch_one(&mut *late)
+                    .await
+                    .expect("read first");
+                assert_eq!(seen, 200);
+                assert_eq!(bank.deliver_to_handler("order-1", false).await.expect("first"), FIRST);
+                let replayed = debit(store, &mut late, &bank.accounts, false, "order-1").await;
+                late.commit().await.expect("commit");
+                assert_eq!(replayed.expect("the late duplicate replays"), FIRST);
+                assert_eq!(bank.money().await, 150);
+            }
+
             const FIRST: Receipt = Receipt {
                 account: 1,
                 debited: 50,
@@ -386,7 +414,8 @@ tx_tests!(
         };
         Some((store, Box::new(drop)))
     },
-    super::numbered
+    super::numbered,
+    true
 );
 
 tx_tests!(
@@ -402,7 +431,8 @@ tx_tests!(
         };
         Some((store, Box::new(drop)))
     },
-    super::question_marks
+    super::question_marks,
+    true
 );
 
 tx_tests!(
@@ -415,5 +445,6 @@ tx_tests!(
             idem_tests::sqlite_file::FileStore::open("tx", idem_runtime::clock::SystemClock).await;
         Some((store, Box::new(())))
     },
-    super::question_marks
+    super::question_marks,
+    false
 );

@@ -76,9 +76,11 @@ ON DUPLICATE KEY UPDATE
     result = IF(owner = VALUES(owner), NULL, result)"
             )
             .into(),
+            // A locking read sees the latest committed record even in a `REPEATABLE READ`
+            // transaction whose snapshot is older (`strategy = "tx"`).
             read: format!(
                 "SELECT completed, lease_until, expires_at, fingerprint, result
-FROM {table} WHERE scope = ? AND business_key = ?"
+FROM {table} WHERE scope = ? AND business_key = ? LOCK IN SHARE MODE"
             )
             .into(),
         }
