@@ -46,7 +46,8 @@ use proc_macro::TokenStream;
 /// | `fingerprint` | an expression to hash, `true`, or `false` | the key's argument(s) |
 /// | `wait` | a duplicate that finds the key in progress waits up to this for the result | fail at once |
 /// | `heartbeat` | `true` extends the lease every third of it while the body runs | `false` |
-/// | `strategy` | `"claim"` | `"claim"` |
+/// | `strategy` | `"claim"`, or `"tx"` (below) | `"claim"` |
+/// | `tx` | with `strategy = "tx"`: the argument holding the transaction | required for `tx` |
 /// | `crate` | the path idem is reachable at, for crates that re-export it | `"::idem_runtime"` |
 ///
 /// Durations are strings with a unit (`"500ms"`, `"30s"`, `"5m"`, `"24h"`, `"7d"`), checked at
@@ -89,6 +90,36 @@ use proc_macro::TokenStream;
 /// of it with `#[serde(skip)]`, or a resend would look like a reused key.
 /// `fingerprint = (msg.amount, msg.currency)` hashes something else; `fingerprint = false`
 /// turns the check off.
+///
+/// # `strategy = "tx"`
+///
+/// When the body's effects are writes to the database the store is in, the record can be
+/// written in the same transaction: the claim, the writes and the result are committed
+/// together, or not at all, so they happen exactly once even across a crash. The handler
+/// takes the transaction and names it with `tx`; the store is the SQL store of that database:
+///
+/// ```ignore
+/// #[idempotent(key = "order_no", store = &self.store, strategy = "tx", tx = tx)]
+/// async fn on_order_paid(
+///     &self,
+///     tx: &mut sqlx::Transaction<'_, Postgres>,
+///     msg: OrderPaid,
+/// ) -> Result<Receipt, AppError> {
+///     sqlx::query("UPDATE accounts SET money = money - $1 WHERE id = $2")
+///         .bind(msg.amount)
+///         .bind(msg.account)
+///         .execute(&mut **tx)
+///         .await?;
+///     Ok(Receipt { order_no: msg.order_no })
+/// }
+/// ```
+///
+/// The generated code runs `SAVEPOINT idem_tx` and the store's claim statement on `tx`, then
+/// the body, then the store's `UPDATE … SET completed, result … WHERE owner = ? AND fence = ?`
+/// and `RELEASE SAVEPOINT idem_tx`; the caller commits. A duplicate waits on the record's row
+/// lock until that commit and replays the stored result; an `Err` from the body rolls back to
+/// the savepoint, undoing the claim and the body's writes. `wait` and `heartbeat` mean nothing
+/// here. See `idem_runtime::tx`.
 ///
 /// # At run time
 ///

@@ -19,11 +19,12 @@
 //!    or be rolled back. A crash or a dropped transaction rolls everything back, so the next
 //!    delivery runs the body again, once.
 //!
-//! The transaction must run at `READ COMMITTED` (PostgreSQL's and MySQL's usual level for
-//! such work): at `REPEATABLE READ` a claim that waited for a concurrent commit fails with a
-//! serialization error instead of replaying. On SQLite, begin the transaction with
-//! `BEGIN IMMEDIATE` if it reads before the handler runs, so that taking the write lock
-//! cannot fail.
+//! Isolation: on PostgreSQL run the transaction at `READ COMMITTED` (the default); at
+//! `REPEATABLE READ` or above, a claim that waited for a concurrent commit fails with a
+//! serialization error instead of replaying. MySQL / MariaDB work at their default
+//! `REPEATABLE READ` (the store reads the record with a locking read, which sees the latest
+//! commit). On SQLite, begin the transaction with `BEGIN IMMEDIATE` if it reads before the
+//! handler runs, so that taking the write lock cannot fail.
 
 use std::future::Future;
 use std::time::Duration;
