@@ -223,7 +223,7 @@ macro_rules! tx_tests {
                 }
             }
 
-            /// The handler written with the attribute: twice, then 16 at once → one debit.
+            /// The handler written with the attribute: twice, then 64 at once → one debit.
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn handler_debits_once() {
                 let Some(bank) = bank().await else {
@@ -231,7 +231,7 @@ macro_rules! tx_tests {
                 };
                 assert_eq!(bank.deliver_to_handler("order-1", false).await.expect("first"), FIRST);
                 assert_eq!(bank.deliver_to_handler("order-1", false).await.expect("again"), FIRST);
-                let tasks: Vec<_> = (0..16)
+                let tasks: Vec<_> = (0..64)
                     .map(|_| {
                         let bank = bank.clone();
                         tokio::spawn(async move { bank.deliver_to_handler("order-1", false).await })
