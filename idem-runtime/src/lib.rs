@@ -91,6 +91,8 @@ pub mod sqlite;
 pub mod testing;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod tx;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub mod unique;
 
 #[doc(hidden)]
 #[path = "private.rs"]

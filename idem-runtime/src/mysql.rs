@@ -191,3 +191,5 @@ fn found(key: &RecordKey, row: &MySqlRow) -> Result<Found, Error> {
 }
 
 sql::sql_store!(MySqlStore, MySql, MySqlPool);
+
+sql::insert_once_fn!(MySql);

@@ -196,3 +196,5 @@ fn found(key: &RecordKey, row: &PgRow) -> Result<Found, Error> {
 }
 
 sql::sql_store!(PostgresStore, Postgres, PgPool);
+
+sql::insert_once_fn!(Postgres);

@@ -14,6 +14,7 @@ use crate::clock::{self, Clock, SystemClock};
 use crate::name;
 use crate::store::{Claim, Lease, lease_lost};
 use crate::tx::TxClaim;
+use crate::unique::Inserted;
 use crate::{Error, Fingerprint, RecordKey, StoreError};
 
 /// A database the SQL stores run on.
@@ -412,6 +413,25 @@ where
     }
 }
 
+/// Runs `insert` through `executor` and reads a unique-key conflict, or a row not written
+/// because of one, as [`Inserted::Duplicate`] (see `crate::unique`).
+pub(crate) async fn insert_once<'q, 'c, DB, E>(
+    executor: E,
+    insert: sqlx::query::Query<'q, DB, <DB as Database>::Arguments>,
+) -> Result<Inserted, Error>
+where
+    DB: Backend,
+    E: Executor<'c, Database = DB>,
+    <DB as Database>::Arguments: IntoArguments<DB>,
+{
+    match insert.execute(executor).await {
+        Ok(done) if DB::rows_affected(&done) == 0 => Ok(Inserted::Duplicate),
+        Ok(_) => Ok(Inserted::New),
+        Err(sqlx::Error::Database(error)) if error.is_unique_violation() => Ok(Inserted::Duplicate),
+        Err(error) => Err(store_error::<DB>(error)),
+    }
+}
+
 /// [`Error::Store`] from the driver of `DB`.
 pub(crate) fn store_error<DB: Backend>(source: impl Into<crate::BoxError>) -> Error {
     Error::Store(StoreError::new(DB::BACKEND, source))
@@ -642,6 +662,31 @@ macro_rules! sql_store {
 }
 
 pub(crate) use sql_store;
+
+/// The `insert_once` of a SQL store's module, for its database `$db`.
+macro_rules! insert_once_fn {
+    ($db:ty) => {
+        /// Runs `insert` and reads a unique-key conflict as a duplicate (see
+        /// [`unique`](crate::unique)): [`Inserted::New`](crate::unique::Inserted::New) when
+        /// the row went in, [`Inserted::Duplicate`](crate::unique::Inserted::Duplicate) when
+        /// a unique key refused it or the statement's own conflict clause skipped it.
+        ///
+        /// # Errors
+        ///
+        /// [`Error::Store`] for every other failure, such as another constraint.
+        pub async fn insert_once<'q, 'c, E>(
+            executor: E,
+            insert: ::sqlx::query::Query<'q, $db, <$db as ::sqlx::Database>::Arguments>,
+        ) -> Result<$crate::unique::Inserted, Error>
+        where
+            E: ::sqlx::Executor<'c, Database = $db>,
+        {
+            $crate::sql::insert_once::<$db, E>(executor, insert).await
+        }
+    };
+}
+
+pub(crate) use insert_once_fn;
 
 #[cfg(test)]
 mod tests {

@@ -200,3 +200,5 @@ impl SqliteStore {
 }
 
 sql::sql_store!(SqliteStore, Sqlite, SqlitePool);
+
+sql::insert_once_fn!(Sqlite);
