@@ -1073,4 +1073,52 @@ mod tracing_span {
             "{fields:?}"
         );
     }
+
+    #[idempotent(key = key, store = store, strategy = "tx", tx = tx, scope = "tests.tx_span")]
+    async fn in_tx(
+        store: &idem_runtime::sqlite::SqliteStore,
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        key: &str,
+    ) -> Result<usize, AppError> {
+        let _ = tx;
+        Ok(key.len())
+    }
+
+    #[test]
+    fn tx_calls_record_their_strategy_and_outcome() {
+        let spans = Spans::default();
+        let subscriber = tracing_subscriber::registry().with(spans.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        tracing::subscriber::with_default(subscriber, || {
+            runtime.block_on(async {
+                let store = idem_runtime::sqlite::SqliteStore::in_memory()
+                    .await
+                    .expect("open SQLite");
+                store.migrate().await.expect("migrate");
+                for _ in 0..2 {
+                    let mut tx = store.pool().begin().await.expect("begin");
+                    assert_eq!(in_tx(&store, &mut tx, "X-1").await.expect("call"), 3);
+                    tx.commit().await.expect("commit");
+                }
+            });
+        });
+        let spans = spans.0.lock().expect("lock");
+        let fields: Vec<&Vec<String>> = spans.iter().map(|(_, fields)| fields).collect();
+        assert_eq!(fields.len(), 2, "{fields:?}");
+        let has = |i: usize, field: &str| fields[i].iter().any(|f| f == field);
+        for i in 0..2 {
+            assert!(
+                has(i, "strategy=tx") && has(i, "scope=tests.tx_span") && has(i, "key=X-1"),
+                "{fields:?}"
+            );
+        }
+        assert!(
+            has(0, "outcome=executed") && has(0, "fence=1"),
+            "{fields:?}"
+        );
+        assert!(has(1, "outcome=replayed"), "{fields:?}");
+    }
 }
