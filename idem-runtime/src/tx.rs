@@ -17,7 +17,9 @@
 //!    released); the caller commits. If the body fails, [`TxStore::abandon_in`] rolls back to
 //!    the savepoint: the claim and every write since are undone, and the transaction can go on
 //!    or be rolled back. A crash or a dropped transaction rolls everything back, so the next
-//!    delivery runs the body again, once.
+//!    delivery runs the body again, once. (Commit only after the handler returned: a
+//!    transaction committed after its handler's future was dropped mid-body keeps the claim in
+//!    progress, and the body's writes so far, until the lease runs out.)
 //!
 //! Isolation: on PostgreSQL run the transaction at `READ COMMITTED` (the default); at
 //! `REPEATABLE READ` or above, a claim that waited for a concurrent commit fails with a
