@@ -169,7 +169,7 @@ macro_rules! tx_tests {
                             Ok(receipt)
                         }
                         Err(error) => {
-                            store.abandon_in(&mut tx).await?;
+                            store.abandon_in(&mut tx, &lease).await?;
                             tx.commit().await.map_err(|error| {
                                 Error::Store(idem_runtime::StoreError::new("test", error))
                             })?;
@@ -280,6 +280,74 @@ macro_rules! tx_tests {
                 late.commit().await.expect("commit");
                 assert_eq!(replayed.expect("the late duplicate replays"), FIRST);
                 assert_eq!(bank.money().await, 150);
+            }
+
+            /// A fee charged by a handler of its own, called from inside another handler.
+            #[idempotent(key = order_no, store = store, strategy = "tx", tx = tx, scope = "tests.tx.fee")]
+            async fn fee(
+                store: &$store,
+                tx: &mut Transaction<'_, Db>,
+                accounts: &str,
+                order_no: &str,
+            ) -> Result<i64, Error> {
+                let statement = ($p)(&format!("UPDATE {accounts} SET money = money - ? WHERE id = 1"));
+                sqlx::query(AssertSqlSafe(statement))
+                    .bind(10_i64)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(|error| Error::Store(idem_runtime::StoreError::new("test", error)))?;
+                Ok(10)
+            }
+
+            /// Debits 50 and a fee of 10 (a nested `tx` handler on the same transaction), then
+            /// fails if told to.
+            #[idempotent(key = order_no, store = store, strategy = "tx", tx = tx, scope = "tests.tx.pay")]
+            async fn pay_with_fee(
+                store: &$store,
+                tx: &mut Transaction<'_, Db>,
+                accounts: &str,
+                fail: bool,
+                order_no: &str,
+            ) -> Result<i64, Error> {
+                let statement = ($p)(&format!("UPDATE {accounts} SET money = money - ? WHERE id = 1"));
+                sqlx::query(AssertSqlSafe(statement))
+                    .bind(50_i64)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(|error| Error::Store(idem_runtime::StoreError::new("test", error)))?;
+                let fee = fee(store, tx, accounts, order_no).await?;
+                if fail {
+                    return Err(Error::EmptyScope); // any error of the body
+                }
+                Ok(50 + fee)
+            }
+
+            /// Nested handlers commit or roll back together: a failing outer body undoes the
+            /// inner handler's debit and record too (each claim has a savepoint of its own).
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn nested_handlers_commit_or_roll_back_together() {
+                let Some(bank) = bank().await else {
+                    return;
+                };
+                let store = bank.store();
+                let deliver = |fail: bool| {
+                    let bank = bank.clone();
+                    async move {
+                        let store = bank.store();
+                        let mut tx = store.pool().begin().await.expect("begin");
+                        let outcome = pay_with_fee(store, &mut tx, &bank.accounts, fail, "order-9").await;
+                        tx.commit().await.expect("commit");
+                        outcome
+                    }
+                };
+                let failed = deliver(true).await;
+                assert!(matches!(failed, Err(Error::EmptyScope)), "{failed:?}");
+                assert_eq!(bank.money().await, 200, "the outer failure undid both debits");
+                assert_eq!(deliver(false).await.expect("redelivery"), 60);
+                assert_eq!(bank.money().await, 140);
+                assert_eq!(deliver(false).await.expect("duplicate"), 60);
+                assert_eq!(bank.money().await, 140);
+                let _ = store;
             }
 
             const FIRST: Receipt = Receipt {
@@ -448,3 +516,94 @@ tx_tests!(
     super::question_marks,
     false
 );
+
+/// MySQL rolls the whole transaction back when a claim inside it deadlocks. The claim's error
+/// must say so (roll back, do not commit) rather than read like a skipped message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_deadlock_in_a_claim_says_the_transaction_is_lost() {
+    use std::sync::Arc;
+
+    use idem_runtime::RecordKey;
+    use idem_runtime::tx::{TxClaim, TxStore};
+    use tokio::sync::Barrier;
+
+    let Some(pool) = idem_tests::sql_servers::mysql_pool().await else {
+        return;
+    };
+    let store = Arc::new(
+        idem_tests::sql_servers::mysql_store(pool, idem_runtime::clock::SystemClock).await,
+    );
+    let barrier = Arc::new(Barrier::new(2));
+    let tasks: Vec<_> = [["a", "b"], ["b", "a"]]
+        .into_iter()
+        .map(|order| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            tokio::spawn(async move {
+                let store = &store.store;
+                let mut tx = store.pool().begin().await.expect("begin");
+                let mut errors = Vec::new();
+                for (n, name) in order.iter().enumerate() {
+                    let key = RecordKey::new("tests.tx.deadlock", name).expect("key");
+                    let claimed = store.claim_in(&mut tx, &key, None, LEASE).await;
+                    if n == 0 {
+                        barrier.wait().await;
+                    }
+                    match claimed {
+                        Ok(TxClaim::Run(claim)) => {
+                            store
+                                .complete_in(&mut tx, &key, &claim, b"1", TTL)
+                                .await
+                                .expect("complete");
+                        }
+                        Ok(other) => panic!("{name}: {other:?}"),
+                        Err(error) => errors.push(error.to_string()),
+                    }
+                }
+                if errors.is_empty() {
+                    tx.commit().await.expect("commit");
+                } else {
+                    tx.rollback().await.expect("roll back");
+                }
+                errors
+            })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for task in tasks {
+        errors.extend(task.await.expect("task"));
+    }
+    assert_eq!(errors.len(), 1, "one of the two deadlocks: {errors:?}");
+    assert!(
+        errors[0].contains("Deadlock") && errors[0].contains("roll it back, do not commit it"),
+        "{}",
+        errors[0]
+    );
+}
+
+/// On PostgreSQL a claim statement that fails aborts the transaction; rolling back to the
+/// claim's savepoint makes it usable again, and the error is the claim's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_failed_claim_leaves_the_transaction_usable() {
+    use idem_runtime::RecordKey;
+    use idem_runtime::tx::TxStore;
+
+    let Some(pool) = idem_tests::sql_servers::postgres_pool().await else {
+        return;
+    };
+    let store = idem_runtime::postgres::PostgresStore::new(pool.clone())
+        .with_table("idem_no_such_table")
+        .expect("a plain name");
+    let mut tx = pool.begin().await.expect("begin");
+    let key = RecordKey::new("tests.tx.missing", "k").expect("key");
+    let failed = store.claim_in(&mut tx, &key, None, LEASE).await;
+    assert!(
+        matches!(&failed, Err(idem_runtime::Error::Store(error)) if error.to_string().contains("idem_no_such_table")),
+        "{failed:?}"
+    );
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("the transaction is usable after the failed claim");
+    assert_eq!(one, 1);
+    tx.rollback().await.expect("roll back");
+}

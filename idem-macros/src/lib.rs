@@ -114,9 +114,10 @@ use proc_macro::TokenStream;
 /// }
 /// ```
 ///
-/// The generated code runs `SAVEPOINT idem_tx` and the store's claim statement on `tx`, then
-/// the body, then the store's `UPDATE … SET completed, result … WHERE owner = ? AND fence = ?`
-/// and `RELEASE SAVEPOINT idem_tx`; the caller commits. A duplicate waits on the record's row
+/// The generated code runs `SAVEPOINT idem_<unique>` and the store's claim statement on `tx`,
+/// then the body, then the store's `UPDATE … SET completed, result … WHERE owner = ? AND
+/// fence = ?` and `RELEASE SAVEPOINT idem_<unique>`; the caller commits (only once the handler
+/// returned). A duplicate waits on the record's row
 /// lock until that commit and replays the stored result; an `Err` from the body rolls back to
 /// the savepoint, undoing the claim and the body's writes. `wait` and `heartbeat` mean nothing
 /// here. See `idem_runtime::tx`.

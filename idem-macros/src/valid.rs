@@ -186,6 +186,12 @@ fn check_strategy(options: &Options, errors: &mut Errors) -> Option<Strategy> {
                     "strategy `tx` runs the handler in your database transaction: name the argument that holds it, e.g. `tx = tx` for an argument `tx: &mut sqlx::Transaction<'_, Postgres>`",
                 );
             }
+            if let Some(tx) = options.tx.as_ref().filter(|tx| !is_place(tx)) {
+                errors.spanned(
+                    tx.span(),
+                    "`tx` must name the transaction: an argument such as `tx = tx`, a field such as `tx = self.tx`, or `tx = &mut tx`; it is used before and after the body, so it cannot be a call",
+                );
+            }
             if let Some(wait) = &options.wait {
                 errors.spanned(
                     duration_span(wait),
@@ -201,6 +207,17 @@ fn check_strategy(options: &Options, errors: &mut Errors) -> Option<Strategy> {
         }
     }
     Some(strategy)
+}
+
+/// Whether `expr` names a place (`tx`, `self.tx`, `&mut tx`) rather than computing a value.
+fn is_place(expr: &Expr) -> bool {
+    match expr {
+        Expr::Path(path) => path.qself.is_none() && path.path.get_ident().is_some(),
+        Expr::Field(field) => is_place(&field.base),
+        Expr::Paren(paren) => is_place(&paren.expr),
+        Expr::Reference(reference) => reference.mutability.is_some() && is_place(&reference.expr),
+        _ => false,
+    }
 }
 
 fn duration_span(value: &DurationValue) -> Span {

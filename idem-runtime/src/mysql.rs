@@ -15,7 +15,9 @@
 //!   through `LAST_INSERT_ID(expr)`, which the server returns with the result: 1 for a new
 //!   record, the raised fence for a takeover, 0 when it changed nothing. Only then does a read
 //!   follow, to report what holds the key. A new key or a takeover costs one round trip, a
-//!   duplicate two. A claim that meets a deadlock (InnoDB error 1213) is run again.
+//!   duplicate two. A claim that meets a deadlock (InnoDB error 1213) is run again. (So the
+//!   claim sets the session's `LAST_INSERT_ID()`; that matters only for a claim in your own
+//!   transaction, see [`tx`](crate::tx).)
 //! * **complete**, **release**, **extend** — one `UPDATE` each, conditional on the owner token,
 //!   the fence and the record still being in progress: zero rows is [`Error::LeaseLost`].
 //! * **purge_expired** — one `DELETE … WHERE expires_at <= now ORDER BY expires_at LIMIT n`.

@@ -127,7 +127,7 @@ where
 }
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
-pub use self::tx::{TxConnection, TxStep, tx_begin, tx_end, tx_span};
+pub use self::tx::{TxStep, tx_begin, tx_end, tx_span};
 
 /// What `strategy = "tx"` expands to: [`tx_begin`], the body on the same transaction,
 /// [`tx_end`].
@@ -137,50 +137,15 @@ mod tx {
     use tracing::field::Empty;
 
     use super::{HandlerError, HandlerResult, Replayable};
-    use crate::tx::{TxClaim, TxStore};
-    use crate::{Error, Fingerprint, Lease, Policy, RecordKey};
+    use sqlx::Transaction;
 
-    /// What the handler's `tx` argument may be: a transaction, or a connection in one.
-    #[diagnostic::on_unimplemented(
-        message = "`{Self}` is not a database transaction",
-        label = "`tx` must name the argument holding the transaction",
-        note = "take the transaction as `tx: &mut sqlx::Transaction<'_, Postgres>` (or MySql, \
-                Sqlite), of the database of the `store`"
-    )]
-    pub trait TxConnection<DB: sqlx::Database> {
-        /// The connection the transaction runs on.
-        fn connection(&mut self) -> &mut DB::Connection;
-    }
-
-    #[diagnostic::do_not_recommend]
-    impl<DB: sqlx::Database> TxConnection<DB> for sqlx::Transaction<'_, DB> {
-        fn connection(&mut self) -> &mut DB::Connection {
-            self
-        }
-    }
-
-    macro_rules! connections {
-        ($($feature:literal => $db:ty, $connection:ty;)*) => {$(
-            #[cfg(feature = $feature)]
-            #[diagnostic::do_not_recommend]
-            impl TxConnection<$db> for $connection {
-                fn connection(&mut self) -> &mut $connection {
-                    self
-                }
-            }
-        )*};
-    }
-
-    connections! {
-        "postgres" => sqlx::Postgres, sqlx::PgConnection;
-        "mysql" => sqlx::MySql, sqlx::MySqlConnection;
-        "sqlite" => sqlx::Sqlite, sqlx::SqliteConnection;
-    }
+    use crate::tx::{TxClaim, TxLease, TxStore};
+    use crate::{Error, Fingerprint, Policy, RecordKey};
 
     /// The next step of a `tx` handler.
     pub enum TxStep<R> {
         /// Run the body, then [`tx_end`].
-        Run(RecordKey, Lease),
+        Run(RecordKey, TxLease),
         /// Return this: the replayed result, or an error.
         Done(R),
     }
@@ -202,9 +167,9 @@ mod tx {
     }
 
     /// Claims the key in the transaction (see [`TxStore::claim_in`]).
-    pub async fn tx_begin<R, S, C>(
+    pub async fn tx_begin<R, S>(
         store: &S,
-        tx: &mut C,
+        tx: &mut Transaction<'_, S::Database>,
         key: Result<RecordKey, Error>,
         fingerprint: Option<Result<Fingerprint, Error>>,
         policy: Policy,
@@ -214,7 +179,6 @@ mod tx {
         R::Ok: Replayable,
         R::Err: HandlerError,
         S: TxStore + ?Sized,
-        C: TxConnection<S::Database> + ?Sized,
     {
         let span = Span::current();
         let fail = |error: Error| {
@@ -231,12 +195,12 @@ mod tx {
             Err(error) => return fail(error),
         };
         match store
-            .claim_in(tx.connection(), &key, fingerprint.as_ref(), policy.lease())
+            .claim_in(tx, &key, fingerprint.as_ref(), policy.lease())
             .await
         {
-            Ok(TxClaim::Run(lease)) => {
-                span.record("fence", lease.fence());
-                TxStep::Run(key, lease)
+            Ok(TxClaim::Run(claim)) => {
+                span.record("fence", claim.lease().fence());
+                TxStep::Run(key, claim)
             }
             Ok(TxClaim::Completed(stored)) => {
                 span.record("outcome", "replayed");
@@ -250,11 +214,11 @@ mod tx {
 
     /// Records the body's result in the transaction, or rolls its writes back to the
     /// savepoint when it failed (or its result cannot be recorded).
-    pub async fn tx_end<R, S, C>(
+    pub async fn tx_end<R, S>(
         store: &S,
-        tx: &mut C,
+        tx: &mut Transaction<'_, S::Database>,
         key: RecordKey,
-        lease: Lease,
+        claim: TxLease,
         policy: Policy,
         output: R,
     ) -> R
@@ -263,7 +227,6 @@ mod tx {
         R::Ok: Replayable,
         R::Err: HandlerError,
         S: TxStore + ?Sized,
-        C: TxConnection<S::Database> + ?Sized,
     {
         let span = Span::current();
         let recorded = match output.into_result() {
@@ -273,7 +236,7 @@ mod tx {
             }
             Ok(value) => match crate::handler::encode(&value) {
                 Ok(stored) => match store
-                    .complete_in(tx.connection(), &key, &lease, &stored, policy.ttl())
+                    .complete_in(tx, &key, &claim, &stored, policy.ttl())
                     .await
                 {
                     Ok(()) => {
@@ -291,10 +254,16 @@ mod tx {
                 }
             },
         };
-        // Nothing of this call may be committed: undo its claim and its writes.
-        if let Err(error) = store.abandon_in(tx.connection()).await {
-            tracing::warn!(%error, "could not roll back to the savepoint; roll the transaction back");
+        // Nothing of this call may be committed: undo its claim and its writes. If that fails,
+        // the transaction still holds them (or is gone): that error is the one the caller must
+        // act on, by rolling the transaction back.
+        match store.abandon_in(tx, &claim).await {
+            Ok(()) => R::from_result(recorded),
+            Err(error) => {
+                span.record("outcome", "store_error");
+                tracing::error!(%error, "the call failed and its writes could not be undone");
+                R::from_result(Err(R::Err::from(error)))
+            }
         }
-        R::from_result(recorded)
     }
 }

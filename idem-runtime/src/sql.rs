@@ -13,7 +13,7 @@ use sqlx::{AssertSqlSafe, Database, Encode, Executor, IntoArguments, Pool, Type}
 use crate::clock::{self, Clock, SystemClock};
 use crate::name;
 use crate::store::{Claim, Lease, lease_lost};
-use crate::tx::TxClaim;
+use crate::tx::{TxClaim, TxLease};
 use crate::unique::Inserted;
 use crate::{Error, Fingerprint, RecordKey, StoreError};
 
@@ -340,47 +340,83 @@ fn is_conflict(error: &Error) -> bool {
     }
 }
 
-/// The savepoint a claim in a transaction sets (`tx` strategy).
-pub(crate) const SAVEPOINT: &str = "SAVEPOINT idem_tx";
+/// A savepoint name no other claim uses: handlers nested in one transaction must not share
+/// one (MySQL replaces a savepoint of the same name instead of stacking it).
+pub(crate) fn new_savepoint() -> String {
+    format!("idem_{}", uuid::Uuid::new_v4().simple())
+}
 
-/// Ends the savepoint, keeping what was written since.
-pub(crate) const RELEASE: &str = "RELEASE SAVEPOINT idem_tx";
-
-/// Undoes what was written since the savepoint.
-const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT idem_tx";
-
-/// Runs a savepoint statement on `connection` (text protocol: not every database prepares
-/// these).
-pub(crate) async fn savepoint<DB>(
+/// Runs `statement` (a savepoint statement naming a savepoint from [`new_savepoint`]) on
+/// `connection`, in the text protocol: not every database prepares these.
+async fn savepoint<DB>(
     connection: &mut DB::Connection,
-    statement: &'static str,
-) -> Result<(), Error>
+    statement: String,
+) -> Result<(), sqlx::Error>
 where
     DB: Backend,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
     sqlx::raw_sql(AssertSqlSafe(statement))
         .execute(&mut *connection)
-        .await
-        .map_err(store_error::<DB>)?;
+        .await?;
     Ok(())
 }
 
-/// Rolls back to the savepoint and ends it.
-pub(crate) async fn abandon<DB>(connection: &mut DB::Connection) -> Result<(), Error>
+/// Sets the savepoint `name`.
+pub(crate) async fn set_savepoint<DB>(
+    connection: &mut DB::Connection,
+    name: &str,
+) -> Result<(), Error>
 where
     DB: Backend,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
-    savepoint::<DB>(connection, ROLLBACK).await?;
-    savepoint::<DB>(connection, RELEASE).await
+    savepoint::<DB>(connection, format!("SAVEPOINT {name}"))
+        .await
+        .map_err(store_error::<DB>)
+}
+
+/// Ends the savepoint `name`, keeping what was written since.
+pub(crate) async fn release_savepoint<DB>(
+    connection: &mut DB::Connection,
+    name: &str,
+) -> Result<(), Error>
+where
+    DB: Backend,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    savepoint::<DB>(connection, format!("RELEASE SAVEPOINT {name}"))
+        .await
+        .map_err(store_error::<DB>)
+}
+
+/// Undoes what was written since the savepoint `name` and ends it. Its error says that the
+/// transaction must be rolled back: it still holds what the savepoint should have undone, or
+/// the database has already rolled it back.
+pub(crate) async fn abandon<DB>(connection: &mut DB::Connection, name: &str) -> Result<(), Error>
+where
+    DB: Backend,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    let undone = async {
+        savepoint::<DB>(connection, format!("ROLLBACK TO SAVEPOINT {name}")).await?;
+        savepoint::<DB>(connection, format!("RELEASE SAVEPOINT {name}")).await
+    };
+    undone.await.map_err(|error| {
+        store_error::<DB>(format!(
+            "could not roll back to the savepoint of the claim ({error}); the transaction may \
+             hold the claim and the body's writes, or the database rolled it back already: \
+             roll it back, do not commit it"
+        ))
+    })
 }
 
 /// What a claim in a transaction tells its caller; anything but an acquired key undoes the
-/// savepoint first.
+/// savepoint `name` first.
 pub(crate) async fn settle_in<DB>(
     connection: &mut DB::Connection,
     key: &RecordKey,
+    name: String,
     claim: Result<Option<Claim>, Error>,
 ) -> Result<TxClaim, Error>
 where
@@ -388,7 +424,7 @@ where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
     let settled = match claim {
-        Ok(Some(Claim::Acquired(lease))) => return Ok(TxClaim::Run(lease)),
+        Ok(Some(Claim::Acquired(lease))) => return Ok(TxClaim::Run(TxLease::new(lease, name))),
         Ok(Some(Claim::Completed(stored))) => Ok(TxClaim::Completed(stored)),
         Ok(Some(Claim::InProgress { retry_after })) => Err(Error::InProgress {
             scope: key.scope().to_owned(),
@@ -404,12 +440,12 @@ where
         ))),
         Err(error) => Err(error),
     };
-    let undone = abandon::<DB>(connection).await;
-    // The claim's own error says more than a failed rollback after it.
-    match (settled, undone) {
-        (Err(error), _) => Err(error),
-        (Ok(_), Err(error)) => Err(error),
-        (Ok(settled), Ok(())) => Ok(settled),
+    match (settled, abandon::<DB>(connection, &name).await) {
+        (settled, Ok(())) => settled,
+        // The transaction is lost (MySQL rolls it back on a deadlock): that is what the caller
+        // must act on, whatever the claim said.
+        (Err(claim), Err(undo)) => Err(store_error::<DB>(format!("{claim}; then {undo}"))),
+        (Ok(_), Err(undo)) => Err(undo),
     }
 }
 
@@ -571,41 +607,43 @@ macro_rules! sql_store {
 
             async fn claim_in(
                 &self,
-                connection: &mut <$db as ::sqlx::Database>::Connection,
+                tx: &mut ::sqlx::Transaction<'_, $db>,
                 key: &RecordKey,
                 fingerprint: Option<&Fingerprint>,
                 lease: ::std::time::Duration,
             ) -> Result<$crate::tx::TxClaim, Error> {
-                $crate::sql::savepoint::<$db>(connection, $crate::sql::SAVEPOINT).await?;
+                let savepoint = $crate::sql::new_savepoint();
+                $crate::sql::set_savepoint::<$db>(&mut **tx, &savepoint).await?;
                 let mut claim = Ok(None);
                 for _ in 0..$crate::sql::CLAIM_ATTEMPTS {
-                    claim = self.try_claim(connection, key, fingerprint, lease).await;
+                    claim = self.try_claim(&mut **tx, key, fingerprint, lease).await;
                     if !matches!(claim, Ok(None)) {
                         break;
                     }
                 }
-                $crate::sql::settle_in::<$db>(connection, key, claim).await
+                $crate::sql::settle_in::<$db>(&mut **tx, key, savepoint, claim).await
             }
 
             async fn complete_in(
                 &self,
-                connection: &mut <$db as ::sqlx::Database>::Connection,
+                tx: &mut ::sqlx::Transaction<'_, $db>,
                 key: &RecordKey,
-                lease: &Lease,
+                claim: &$crate::tx::TxLease,
                 result: &[u8],
                 ttl: ::std::time::Duration,
             ) -> Result<(), Error> {
                 self.table
-                    .complete(&mut *connection, key, lease, result, ttl)
+                    .complete(&mut **tx, key, claim.lease(), result, ttl)
                     .await?;
-                $crate::sql::savepoint::<$db>(connection, $crate::sql::RELEASE).await
+                $crate::sql::release_savepoint::<$db>(&mut **tx, claim.savepoint()).await
             }
 
             async fn abandon_in(
                 &self,
-                connection: &mut <$db as ::sqlx::Database>::Connection,
+                tx: &mut ::sqlx::Transaction<'_, $db>,
+                claim: &$crate::tx::TxLease,
             ) -> Result<(), Error> {
-                $crate::sql::abandon::<$db>(connection).await
+                $crate::sql::abandon::<$db>(&mut **tx, claim.savepoint()).await
             }
         }
 

@@ -5,21 +5,30 @@
 //! database as the store, `tx` closes that gap: the claim, the body's writes and the stored
 //! result are one transaction, so they are committed together or not at all.
 //!
-//! In the caller's transaction (a `sqlx::Transaction`, or any connection in a transaction):
+//! In the caller's transaction (a `sqlx::Transaction`):
 //!
-//! 1. [`TxStore::claim_in`] sets the savepoint `idem_tx` and claims the key with the store's
+//! 1. [`TxStore::claim_in`] sets a savepoint of its own and claims the key with the store's
 //!    usual claim statement. A concurrent duplicate's claim waits on the record's row lock
 //!    until this transaction ends: after a commit it finds the completed record and replays
 //!    it; after a rollback it claims the key itself. A key completed before replays at once
 //!    ([`TxClaim::Completed`]) and the savepoint is undone.
 //! 2. The body writes through the same transaction.
 //! 3. [`TxStore::complete_in`] records the result in the transaction (the savepoint is
-//!    released); the caller commits. If the body fails, [`TxStore::abandon_in`] rolls back to
+//!    released); the caller commits. Each claim has its own savepoint, so handlers nested in
+//!    one transaction each undo only their own work — and an outer handler that fails undoes
+//!    the inner ones with it. If the body fails, [`TxStore::abandon_in`] rolls back to
 //!    the savepoint: the claim and every write since are undone, and the transaction can go on
-//!    or be rolled back. A crash or a dropped transaction rolls everything back, so the next
-//!    delivery runs the body again, once. (Commit only after the handler returned: a
-//!    transaction committed after its handler's future was dropped mid-body keeps the claim in
-//!    progress, and the body's writes so far, until the lease runs out.)
+//!    or be rolled back. If even that rollback fails, the error says to roll the transaction
+//!    back (MySQL, for one, has then already rolled it back after a deadlock). A crash or a
+//!    dropped transaction rolls everything back, so the next delivery runs the body again,
+//!    once.
+//!
+//! **Never commit a transaction whose handler did not return** (its future was dropped, or a
+//! timeout around it fired): the claim would commit in progress, with the body's writes so
+//! far, and the redelivery after the lease would run the body again. Roll it back.
+//!
+//! On MySQL the claim sets the session's `LAST_INSERT_ID()` (that is how the store learns
+//! what its statement did): read the id of your own insert before the handler claims.
 //!
 //! Isolation: on PostgreSQL run the transaction at `READ COMMITTED` (the default); at
 //! `REPEATABLE READ` or above, a claim that waited for a concurrent commit fails with a
@@ -39,9 +48,34 @@ pub enum TxClaim {
     /// The key is claimed in this transaction: run the body on it, then
     /// [`complete_in`](TxStore::complete_in) (or [`abandon_in`](TxStore::abandon_in) if the
     /// body failed).
-    Run(Lease),
+    Run(TxLease),
     /// The key was completed and committed before: the stored result. Nothing was written.
     Completed(Vec<u8>),
+}
+
+/// A claim held in a transaction: its lease and the savepoint set before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxLease {
+    lease: Lease,
+    savepoint: String,
+}
+
+impl TxLease {
+    /// A claim under `lease`, made after the savepoint `savepoint` (a plain identifier).
+    pub fn new(lease: Lease, savepoint: String) -> Self {
+        Self { lease, savepoint }
+    }
+
+    /// The lease of the claim.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// The savepoint set before the claim: unique per claim, so that handlers nested in one
+    /// transaction each undo only their own work.
+    pub fn savepoint(&self) -> &str {
+        &self.savepoint
+    }
 }
 
 /// A store whose records can be written in the caller's own database transaction: the SQL
@@ -56,25 +90,25 @@ pub trait TxStore: Store {
     /// The database the store is in.
     type Database: sqlx::Database;
 
-    /// Sets the savepoint `idem_tx` in the transaction on `connection` and claims `key` there
-    /// (see the [module](self)).
+    /// Sets a savepoint of its own in `tx` and claims `key` there (see the [module](self)).
     ///
     /// # Errors
     ///
     /// [`Error::FingerprintMismatch`] for a key used with another payload,
     /// [`Error::InProgress`] for a key another call holds under the `claim` strategy,
     /// [`Error::Store`] and [`Error::Decode`] as for [`Store::claim`]. The savepoint is undone
-    /// when the claim does not acquire the key.
+    /// when the claim does not acquire the key; if even that fails (MySQL rolls the whole
+    /// transaction back on a deadlock), the error says so: roll the transaction back.
     fn claim_in(
         &self,
-        connection: &mut <Self::Database as sqlx::Database>::Connection,
+        tx: &mut sqlx::Transaction<'_, Self::Database>,
         key: &RecordKey,
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> impl Future<Output = Result<TxClaim, Error>> + Send;
 
-    /// Records `result` for the claim `lease` in the transaction, kept for `ttl` once it is
-    /// committed, and releases the savepoint.
+    /// Records `result` for `claim` in the transaction, kept for `ttl` once it is committed,
+    /// and releases the claim's savepoint.
     ///
     /// # Errors
     ///
@@ -82,22 +116,24 @@ pub trait TxStore: Store {
     /// statement fails.
     fn complete_in(
         &self,
-        connection: &mut <Self::Database as sqlx::Database>::Connection,
+        tx: &mut sqlx::Transaction<'_, Self::Database>,
         key: &RecordKey,
-        lease: &Lease,
+        claim: &TxLease,
         result: &[u8],
         ttl: Duration,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// Rolls the transaction back to the savepoint of [`claim_in`](TxStore::claim_in): the
-    /// claim and everything written since are undone.
+    /// Rolls the transaction back to the savepoint of `claim`: the claim and everything
+    /// written since are undone.
     ///
     /// # Errors
     ///
-    /// [`Error::Store`] if a statement fails (the transaction is then best rolled back).
+    /// [`Error::Store`] if that fails: then roll the whole transaction back, because it still
+    /// holds the claim and the body's writes.
     fn abandon_in(
         &self,
-        connection: &mut <Self::Database as sqlx::Database>::Connection,
+        tx: &mut sqlx::Transaction<'_, Self::Database>,
+        claim: &TxLease,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
@@ -108,30 +144,31 @@ macro_rules! forward_tx_store {
 
             fn claim_in(
                 &self,
-                connection: &mut <Self::Database as sqlx::Database>::Connection,
+                tx: &mut sqlx::Transaction<'_, Self::Database>,
                 key: &RecordKey,
                 fingerprint: Option<&Fingerprint>,
                 lease: Duration,
             ) -> impl Future<Output = Result<TxClaim, Error>> + Send {
-                (**self).claim_in(connection, key, fingerprint, lease)
+                (**self).claim_in(tx, key, fingerprint, lease)
             }
 
             fn complete_in(
                 &self,
-                connection: &mut <Self::Database as sqlx::Database>::Connection,
+                tx: &mut sqlx::Transaction<'_, Self::Database>,
                 key: &RecordKey,
-                lease: &Lease,
+                claim: &TxLease,
                 result: &[u8],
                 ttl: Duration,
             ) -> impl Future<Output = Result<(), Error>> + Send {
-                (**self).complete_in(connection, key, lease, result, ttl)
+                (**self).complete_in(tx, key, claim, result, ttl)
             }
 
             fn abandon_in(
                 &self,
-                connection: &mut <Self::Database as sqlx::Database>::Connection,
+                tx: &mut sqlx::Transaction<'_, Self::Database>,
+                claim: &TxLease,
             ) -> impl Future<Output = Result<(), Error>> + Send {
-                (**self).abandon_in(connection)
+                (**self).abandon_in(tx, claim)
             }
         }
     )*};

@@ -13,17 +13,21 @@
 //! that runs an insert and answers [`Inserted::New`] or [`Inserted::Duplicate`]:
 //!
 //! * a plain `INSERT` that violates a unique key or primary key is a duplicate;
-//! * an `INSERT … ON CONFLICT DO NOTHING` (PostgreSQL, SQLite) or `INSERT IGNORE` /
-//!   `INSERT … ON DUPLICATE KEY UPDATE key = key` (MySQL) that changes no row is a duplicate;
+//! * an `INSERT … ON CONFLICT DO NOTHING` (PostgreSQL, SQLite) that changes no row is a
+//!   duplicate — that clause skips uniqueness conflicts only;
 //! * any other error (a `NOT NULL` or foreign-key violation, a lost connection) is
 //!   [`Error::Store`](crate::Error::Store): it is not a duplicate, and the message must not be
 //!   acknowledged as one.
 //!
 //! In a PostgreSQL transaction a failed statement aborts the transaction, so there write
 //! `ON CONFLICT DO NOTHING`: the duplicate then costs nothing and the transaction goes on.
-//! (MySQL's `ON DUPLICATE KEY UPDATE` reports an unchanged row as changed to sqlx, so use
-//! `INSERT IGNORE` there only for tables whose other constraints cannot fail, or a plain
-//! `INSERT`.)
+//!
+//! On MySQL write a plain `INSERT`. `INSERT IGNORE` is read correctly too (no row changed: a
+//! duplicate), but it also turns other errors into warnings — a `NULL` into a `NOT NULL`
+//! column goes in as `0` or `''` — and `INSERT … ON DUPLICATE KEY UPDATE key = key` cannot be
+//! used at all: sqlx counts the unchanged row as changed, so a duplicate would read as new.
+//! Likewise SQLite's `INSERT OR IGNORE` skips `NOT NULL` and `CHECK` failures as if they were
+//! duplicates; use `ON CONFLICT DO NOTHING` there.
 
 /// What an insert-once did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
