@@ -28,6 +28,48 @@ mod conformance {
     });
 }
 
+/// The suite again with MariaDB's `SIMULTANEOUS_ASSIGNMENT` mode, in which the assignments of
+/// an `ON DUPLICATE KEY UPDATE` all read the old row instead of the columns assigned before
+/// them. Skipped (saying so) on servers without that mode (MySQL).
+mod conformance_simultaneous_assignment {
+    use idem_runtime::clock::ManualClock;
+    use idem_tests::sql_servers::mysql_store;
+
+    idem_runtime::conformance_tests!(optional |clock: ManualClock| async move {
+        Some(mysql_store(super::simultaneous_assignment_pool().await?, clock).await)
+    });
+}
+
+/// A pool whose connections run in `SIMULTANEOUS_ASSIGNMENT` mode, or `None` when the server
+/// is unreachable or does not know the mode.
+async fn simultaneous_assignment_pool() -> Option<sqlx::MySqlPool> {
+    use sqlx::Executor;
+    const SET_MODE: &str = "SET SESSION sql_mode = CONCAT(@@sql_mode, ',SIMULTANEOUS_ASSIGNMENT')";
+    let probe = mysql_pool().await?;
+    if let Err(error) = probe.execute(SET_MODE).await {
+        eprintln!("SKIPPED: the server has no SIMULTANEOUS_ASSIGNMENT mode ({error})");
+        return None;
+    }
+    probe.close().await;
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(idem_tests::sql_servers::POOL_SIZE)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                connection.execute(SET_MODE).await?;
+                Ok(())
+            })
+        })
+        .connect(&idem_tests::sql_servers::mysql_url())
+        .await
+        .expect("connect in SIMULTANEOUS_ASSIGNMENT mode");
+    let mode: String = sqlx::query_scalar("SELECT @@SESSION.sql_mode")
+        .fetch_one(&pool)
+        .await
+        .expect("read the session's sql_mode");
+    assert!(mode.contains("SIMULTANEOUS_ASSIGNMENT"), "{mode}");
+    Some(pool)
+}
+
 const SCOPE: &str = "stores::mysql";
 
 fn key(name: &str) -> RecordKey {

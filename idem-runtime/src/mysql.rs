@@ -8,10 +8,10 @@
 //!
 //! # Statements and round trips
 //!
-//! * **claim** — one `INSERT … ON DUPLICATE KEY UPDATE` whose assignments all depend on one
-//!   guard: the first one hands the record to the new owner if its lease or ttl has passed,
-//!   and every later one tests `owner = VALUES(owner)` (MySQL assigns left to right, so the
-//!   guard must not be re-evaluated on changed columns). The statement reports its outcome
+//! * **claim** — one `INSERT … ON DUPLICATE KEY UPDATE` whose assignments are all guarded by
+//!   `owner = <the claim's fresh token> OR <lease or ttl passed>`: right whether the server
+//!   assigns left to right (each assignment seeing the ones before it) or all at once from
+//!   the old row (MariaDB's `SIMULTANEOUS_ASSIGNMENT` mode). The statement reports its outcome
 //!   through `LAST_INSERT_ID(expr)`, which the server returns with the result: 1 for a new
 //!   record, the raised fence for a takeover, 0 when it changed nothing. Only then does a read
 //!   follow, to report what holds the key. A new key or a takeover costs one round trip, a
@@ -51,6 +51,16 @@ pub const SCHEMA: &str = include_str!("../sql/mysql.sql");
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "idem_records";
 
+/// Whether the claim takes the record over, in every assignment of its `ON DUPLICATE KEY
+/// UPDATE`: the record is dead (its lease or ttl passed, by the bound `now`), or the takeover
+/// has begun (the owner is already the claim's fresh token). This reads the same whether the
+/// server assigns left to right, each assignment seeing the ones before (MySQL, MariaDB by
+/// default), or all at once from the old row (MariaDB's `SIMULTANEOUS_ASSIGNMENT` mode).
+const TAKEOVER: &str = "(owner = VALUES(owner) OR IF(completed = 1, expires_at, lease_until) <= ?)";
+
+/// How many times [`TAKEOVER`] binds `now` in the claim.
+const TAKEOVER_TESTS: usize = 7;
+
 /// The statements of one table, built once from its checked name.
 #[derive(Debug)]
 struct Statements {
@@ -69,14 +79,15 @@ impl Statements {
     (scope, business_key, completed, owner, fence, lease_until, expires_at, fingerprint, result)
 VALUES (?, ?, 0, ?, LAST_INSERT_ID(1), ?, ?, ?, NULL)
 ON DUPLICATE KEY UPDATE
-    owner = IF(IF(completed = 1, expires_at, lease_until) <= ?, VALUES(owner), owner),
-    fence = IF(owner = VALUES(owner), LAST_INSERT_ID(fence + 1), IF(LAST_INSERT_ID(0), fence, fence)),
-    completed = IF(owner = VALUES(owner), 0, completed),
-    lease_until = IF(owner = VALUES(owner), VALUES(lease_until), lease_until),
-    expires_at = IF(owner = VALUES(owner), VALUES(expires_at), expires_at),
-    fingerprint = IF(owner = VALUES(owner), VALUES(fingerprint), fingerprint),
-    result = IF(owner = VALUES(owner), NULL, result)"
+    fence = IF({TAKEOVER}, LAST_INSERT_ID(fence + 1), IF(LAST_INSERT_ID(0), fence, fence)),
+    owner = IF({TAKEOVER}, VALUES(owner), owner),
+    completed = IF({TAKEOVER}, 0, completed),
+    lease_until = IF({TAKEOVER}, VALUES(lease_until), lease_until),
+    expires_at = IF({TAKEOVER}, VALUES(expires_at), expires_at),
+    fingerprint = IF({TAKEOVER}, VALUES(fingerprint), fingerprint),
+    result = IF({TAKEOVER}, NULL, result)"
             )
+            .replace("{TAKEOVER}", TAKEOVER)
             .into(),
             // A locking read sees the latest committed record even in a `REPEATABLE READ`
             // transaction whose snapshot is older (`strategy = "tx"`).
@@ -141,8 +152,9 @@ impl MySqlStore {
             .bind(&owner)
             .bind(until)
             .bind(until)
-            .bind(fingerprint.map(|f| f.as_bytes().as_slice()))
-            .bind(now)
+            .bind(fingerprint.map(|f| f.as_bytes().as_slice()));
+        let claimed = (0..TAKEOVER_TESTS)
+            .fold(claimed, |query, _| query.bind(now))
             .execute(&mut *connection)
             .await;
         let claimed = claimed.map_err(|error| sql::claim_error::<MySql>(key, error))?;
