@@ -4,6 +4,7 @@
 mod ast;
 mod attr;
 mod expand;
+mod state;
 mod valid;
 
 use proc_macro::TokenStream;
@@ -132,4 +133,36 @@ use proc_macro::TokenStream;
 #[proc_macro_attribute]
 pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::idempotent(args.into(), item.into()).into()
+}
+
+/// Derives `idem_runtime::state::StateMachine` for a fieldless enum of states, with the
+/// transitions each state declares: `#[state(to(Paid, Cancelled))]` on `Created`.
+///
+/// What a state reaches (in zero or more declared transitions) is computed at compile time;
+/// naming a state that is not a variant is a compile error at that name. States are stored
+/// as their names; `#[state(storage = "int")]` on the enum stores their discriminants.
+///
+/// ```
+/// use idem_runtime::StateMachine;
+///
+/// #[derive(Clone, Copy, Debug, PartialEq, Eq, StateMachine)]
+/// #[state(storage = "int")]
+/// enum OrderStatus {
+///     #[state(to(Paid, Cancelled))]
+///     Created = 1,
+///     #[state(to(Shipped))]
+///     Paid = 2,
+///     Shipped = 3,
+///     Cancelled = 9,
+/// }
+///
+/// use idem_runtime::state::StateMachine as _;
+/// assert_eq!(OrderStatus::Paid.to_int(), 2);
+/// assert_eq!(OrderStatus::from_int(9), Some(OrderStatus::Cancelled));
+/// assert!(OrderStatus::Created.reaches(OrderStatus::Shipped));
+/// assert!(!OrderStatus::Cancelled.reaches(OrderStatus::Paid));
+/// ```
+#[proc_macro_derive(StateMachine, attributes(state))]
+pub fn derive_state_machine(item: TokenStream) -> TokenStream {
+    state::derive(item.into()).into()
 }

@@ -89,6 +89,27 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A guarded state transition found no row with the id (`strategy = "state"`).
+    #[error("no row of `{table}` has the id {id}")]
+    RowMissing {
+        /// The table.
+        table: &'static str,
+        /// The id, as it was bound.
+        id: String,
+    },
+
+    /// A guarded state transition found the row in a state that neither is the transition's
+    /// `from` nor follows its `to`: the message does not fit the row (`strategy = "state"`).
+    #[error("cannot go from `{from}` to `{to}`: the row is at `{current}`")]
+    InvalidTransition {
+        /// The row's state.
+        current: &'static str,
+        /// The state the transition starts from.
+        from: &'static str,
+        /// The state the transition goes to.
+        to: &'static str,
+    },
+
     /// A value could not be serialized (the result to store, or the payload to fingerprint),
     /// or the result does not deserialize from what it serialized to.
     ///

@@ -87,6 +87,8 @@ pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub mod state;
 #[cfg(feature = "testing")]
 pub mod testing;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
@@ -105,5 +107,12 @@ pub use memory::MemoryStore;
 pub use store::{Claim, Lease, Store};
 pub use sweeper::Sweeper;
 
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub use sql::Backend as SqlDatabase;
+
 #[doc(inline)]
 pub use idem_macros::idempotent;
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+#[doc(inline)]
+pub use idem_macros::StateMachine;

@@ -17,8 +17,13 @@ use crate::tx::{TxClaim, TxLease};
 use crate::unique::Inserted;
 use crate::{Error, Fingerprint, RecordKey, StoreError};
 
-/// A database the SQL stores run on.
-pub(crate) trait Backend: Database {
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A database idem's SQL stores run on: PostgreSQL, MySQL / MariaDB or SQLite. Sealed: what it
+/// says about a database is idem's business (its name, literals, placeholders).
+pub trait Backend: Database + sealed::Sealed {
     /// The store's name in [`StoreError`]s.
     const BACKEND: &'static str;
 
@@ -33,7 +38,14 @@ pub(crate) trait Backend: Database {
 
     /// The `n`th (from 1) parameter placeholder.
     fn placeholder(n: usize) -> String;
+
+    /// What turns a `SELECT` into a read of the latest committed row (MySQL's consistent reads
+    /// would otherwise see the transaction's snapshot).
+    const LOCKING_READ: &'static str = "";
 }
+
+#[cfg(feature = "sqlite")]
+impl sealed::Sealed for sqlx::Sqlite {}
 
 #[cfg(feature = "sqlite")]
 impl Backend for sqlx::Sqlite {
@@ -51,6 +63,9 @@ impl Backend for sqlx::Sqlite {
 }
 
 #[cfg(feature = "postgres")]
+impl sealed::Sealed for sqlx::Postgres {}
+
+#[cfg(feature = "postgres")]
 impl Backend for sqlx::Postgres {
     const BACKEND: &'static str = "postgres";
     const COMPLETED: &'static str = "TRUE";
@@ -66,6 +81,9 @@ impl Backend for sqlx::Postgres {
 }
 
 #[cfg(feature = "mysql")]
+impl sealed::Sealed for sqlx::MySql {}
+
+#[cfg(feature = "mysql")]
 impl Backend for sqlx::MySql {
     const BACKEND: &'static str = "mysql";
     const COMPLETED: &'static str = "1";
@@ -78,6 +96,8 @@ impl Backend for sqlx::MySql {
     fn placeholder(_: usize) -> String {
         "?".to_owned()
     }
+
+    const LOCKING_READ: &'static str = " LOCK IN SHARE MODE";
 }
 
 /// The statements every dialect writes alike, for one table.
@@ -316,6 +336,7 @@ where
 /// The error of a claim statement: an arithmetic overflow (SQLSTATE 22003) can only come from
 /// raising a stored fence that is already at its maximum, a record no claim writes, so it is
 /// [`Error::Decode`]; anything else is [`Error::Store`].
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) fn claim_error<DB: Backend>(key: &RecordKey, error: sqlx::Error) -> Error {
     match &error {
         sqlx::Error::Database(database) if database.code().as_deref() == Some("22003") => {

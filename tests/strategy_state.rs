@@ -1,0 +1,310 @@
+//! Guarded state transitions (`idem_runtime::state`) on PostgreSQL, MySQL / MariaDB and
+//! SQLite: `UPDATE orders SET status = <to> WHERE id = ? AND status = <from>` in the caller's
+//! transaction, and what the row's state says when nothing moved.
+
+use idem_runtime::StateMachine;
+
+/// An order's life: paid once, then shipped, or cancelled before payment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, StateMachine)]
+enum OrderStatus {
+    #[state(to(Paid, Cancelled))]
+    Created,
+    #[state(to(Shipped))]
+    Paid,
+    Shipped,
+    Cancelled,
+}
+
+/// The same machine stored as integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, StateMachine)]
+#[state(storage = "int")]
+enum Coded {
+    #[state(to(Paid))]
+    Created = 10,
+    Paid = 20,
+}
+
+/// The same tests for each database: `$db`, `$pool` giving `Option<(pool, guard)>` for a table
+/// name, and `$p` numbering `?` placeholders where needed.
+macro_rules! state_tests {
+    ($name:ident, $db:ty, |$table:ident| $pool:expr, $p:expr) => {
+        mod $name {
+            use std::sync::Arc;
+
+            use idem_runtime::Error;
+            use idem_runtime::state::{Guard, Transitioned, finish_in, transition_in};
+            use sqlx::{AssertSqlSafe, Pool};
+            use tokio::sync::Barrier;
+
+            use super::{Coded, OrderStatus};
+
+            /// A pool, a fresh `orders` table (`id`, `status` as text, `code` as integer) with
+            /// order 1 `Created`, and a `payments` table the body writes to.
+            struct Shop {
+                pool: Pool<$db>,
+                orders: &'static str,
+                payments: String,
+                _drop: Vec<Box<dyn std::any::Any + Send + Sync>>,
+            }
+
+            async fn shop() -> Option<Arc<Shop>> {
+                let $table = idem_tests::servers::unique_name("orders");
+                let orders: &'static str = Box::leak($table.clone().into_boxed_str());
+                let (pool, drop_orders) = $pool?;
+                let payments = idem_tests::servers::unique_name("payments");
+                let $table = payments.clone();
+                let (_, drop_payments) = $pool?;
+                let shop = Shop {
+                    pool,
+                    orders,
+                    payments,
+                    _drop: vec![drop_orders, drop_payments],
+                };
+                for statement in [
+                    format!("CREATE TABLE {orders} (id BIGINT PRIMARY KEY, status VARCHAR(16) NOT NULL, code BIGINT NOT NULL)"),
+                    format!("INSERT INTO {orders} (id, status, code) VALUES (1, 'Created', 10)"),
+                    format!("CREATE TABLE {} (id BIGINT NOT NULL)", shop.payments),
+                ] {
+                    sqlx::raw_sql(AssertSqlSafe(statement))
+                        .execute(&shop.pool)
+                        .await
+                        .expect("set up the tables");
+                }
+                Some(Arc::new(shop))
+            }
+
+            impl Shop {
+                fn guard(&self) -> Guard {
+                    Guard::new(self.orders, "id", "status").expect("plain names")
+                }
+
+                async fn scalar(&self, statement: String) -> i64 {
+                    sqlx::query_scalar(AssertSqlSafe(statement))
+                        .fetch_one(&self.pool)
+                        .await
+                        .expect("read")
+                }
+
+                async fn payments(&self) -> i64 {
+                    self.scalar(format!("SELECT COUNT(*) FROM {}", self.payments)).await
+                }
+
+                async fn status(&self) -> String {
+                    let statement = format!("SELECT status FROM {} WHERE id = 1", self.orders);
+                    sqlx::query_scalar(AssertSqlSafe(statement))
+                        .fetch_one(&self.pool)
+                        .await
+                        .expect("read the status")
+                }
+
+                /// One delivery of "order 1 was paid": `Created → Paid` with a payment row
+                /// written in the same transaction, committed whatever happens.
+                async fn pay(&self, id: i64, fail: bool) -> Result<Transitioned<(), OrderStatus>, Error> {
+                    let mut tx = self.pool.begin().await.expect("begin");
+                    let outcome = match transition_in(
+                        &mut tx,
+                        self.guard(),
+                        id,
+                        OrderStatus::Created,
+                        OrderStatus::Paid,
+                    )
+                    .await
+                    {
+                        Err(error) => Err(error),
+                        Ok(Transitioned::Duplicate(current)) => Ok(Transitioned::Duplicate(current)),
+                        Ok(Transitioned::Applied(pending)) => {
+                            let insert = ($p)(&format!("INSERT INTO {} (id) VALUES (?)", self.payments));
+                            sqlx::query(AssertSqlSafe(insert))
+                                .bind(id)
+                                .execute(&mut *tx)
+                                .await
+                                .expect("write the payment");
+                            finish_in(&mut tx, pending, !fail).await.expect("finish");
+                            if fail {
+                                Err(Error::EmptyScope) // any error of the body
+                            } else {
+                                Ok(Transitioned::Applied(()))
+                            }
+                        }
+                    };
+                    tx.commit().await.expect("commit");
+                    outcome
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn transition_applies_once_and_duplicates_see_the_state() {
+                let Some(shop) = shop().await else {
+                    return;
+                };
+                assert_eq!(shop.pay(1, false).await.expect("first"), Transitioned::Applied(()));
+                assert_eq!(
+                    shop.pay(1, false).await.expect("duplicate"),
+                    Transitioned::Duplicate(OrderStatus::Paid)
+                );
+                assert_eq!(shop.status().await, "Paid");
+                assert_eq!(shop.payments().await, 1);
+
+                // A later state is a duplicate too: the step was taken long ago.
+                let ship = format!("UPDATE {} SET status = 'Shipped' WHERE id = 1", shop.orders);
+                sqlx::raw_sql(AssertSqlSafe(ship)).execute(&shop.pool).await.expect("ship");
+                assert_eq!(
+                    shop.pay(1, false).await.expect("late duplicate"),
+                    Transitioned::Duplicate(OrderStatus::Shipped)
+                );
+                assert_eq!(shop.payments().await, 1);
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn state_off_the_path_is_an_invalid_transition() {
+                let Some(shop) = shop().await else {
+                    return;
+                };
+                let cancel = format!("UPDATE {} SET status = 'Cancelled' WHERE id = 1", shop.orders);
+                sqlx::raw_sql(AssertSqlSafe(cancel)).execute(&shop.pool).await.expect("cancel");
+                let refused = shop.pay(1, false).await;
+                assert!(
+                    matches!(refused, Err(Error::InvalidTransition { current: "Cancelled", from: "Created", to: "Paid" })),
+                    "{refused:?}"
+                );
+                let missing = shop.pay(2, false).await;
+                assert!(matches!(missing, Err(Error::RowMissing { .. })), "{missing:?}");
+                assert_eq!(shop.payments().await, 0);
+            }
+
+            /// 64 deliveries at once, each in its own transaction: one applies.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_deliveries_apply_once() {
+                let Some(shop) = shop().await else {
+                    return;
+                };
+                let start = Arc::new(Barrier::new(64));
+                let tasks: Vec<_> = (0..64)
+                    .map(|_| {
+                        let (shop, start) = (shop.clone(), start.clone());
+                        tokio::spawn(async move {
+                            start.wait().await;
+                            shop.pay(1, false).await
+                        })
+                    })
+                    .collect();
+                let mut applied = 0;
+                for task in tasks {
+                    match task.await.expect("task").expect("delivery") {
+                        Transitioned::Applied(()) => applied += 1,
+                        Transitioned::Duplicate(current) => assert_eq!(current, OrderStatus::Paid),
+                    }
+                }
+                assert_eq!(applied, 1);
+                assert_eq!(shop.payments().await, 1);
+            }
+
+            /// A body that fails rolls the transition back with its writes: the redelivery
+            /// applies it once.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn failed_body_leaves_the_row_where_it_was() {
+                let Some(shop) = shop().await else {
+                    return;
+                };
+                assert!(matches!(shop.pay(1, true).await, Err(Error::EmptyScope)));
+                assert_eq!(shop.status().await, "Created");
+                assert_eq!(shop.payments().await, 0);
+                assert_eq!(shop.pay(1, false).await.expect("retry"), Transitioned::Applied(()));
+                assert_eq!(shop.payments().await, 1);
+            }
+
+            /// Integer storage: the discriminants are what is written and compared.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn integer_states_use_their_discriminants() {
+                let Some(shop) = shop().await else {
+                    return;
+                };
+                let guard = Guard::new(shop.orders, "id", "code").expect("plain names");
+                for expected in [Transitioned::Applied(()), Transitioned::Duplicate(Coded::Paid)] {
+                    let mut tx = shop.pool.begin().await.expect("begin");
+                    let done = transition_in(&mut tx, guard, 1_i64, Coded::Created, Coded::Paid)
+                        .await
+                        .expect("transition");
+                    let done = match done {
+                        Transitioned::Applied(pending) => {
+                            finish_in(&mut tx, pending, true).await.expect("finish");
+                            Transitioned::Applied(())
+                        }
+                        Transitioned::Duplicate(current) => Transitioned::Duplicate(current),
+                    };
+                    tx.commit().await.expect("commit");
+                    assert_eq!(done, expected);
+                }
+                let code = shop.scalar(format!("SELECT code FROM {} WHERE id = 1", shop.orders)).await;
+                assert_eq!(code, 20);
+            }
+        }
+    };
+}
+
+/// `?` placeholders as they are (MySQL, SQLite).
+fn question_marks(statement: &str) -> String {
+    statement.to_owned()
+}
+
+/// `?` placeholders numbered `$1`, `$2`, … (PostgreSQL).
+fn numbered(statement: &str) -> String {
+    let mut numbered = String::with_capacity(statement.len() + 8);
+    let mut n = 0;
+    for c in statement.chars() {
+        if c == '?' {
+            n += 1;
+            numbered.push_str(&format!("${n}"));
+        } else {
+            numbered.push(c);
+        }
+    }
+    numbered
+}
+
+state_tests!(
+    postgres,
+    sqlx::Postgres,
+    |table| {
+        use idem_tests::sql_servers::{DropTable, Server, postgres_pool};
+        let drop = DropTable {
+            server: Server::Postgres,
+            table: table.clone(),
+        };
+        postgres_pool()
+            .await
+            .map(|pool| (pool, Box::new(drop) as Box<dyn std::any::Any + Send + Sync>))
+    },
+    super::numbered
+);
+
+state_tests!(
+    mysql,
+    sqlx::MySql,
+    |table| {
+        use idem_tests::sql_servers::{DropTable, Server, mysql_pool};
+        let drop = DropTable {
+            server: Server::Mysql,
+            table: table.clone(),
+        };
+        mysql_pool()
+            .await
+            .map(|pool| (pool, Box::new(drop) as Box<dyn std::any::Any + Send + Sync>))
+    },
+    super::question_marks
+);
+
+state_tests!(
+    sqlite,
+    sqlx::Sqlite,
+    |table| {
+        // One file per shop: the second call for the same shop reuses it.
+        let _ = &table;
+        let file =
+            idem_tests::sqlite_file::FileStore::open("state", idem_runtime::clock::SystemClock)
+                .await;
+        let pool = file.store.pool().clone();
+        Some((pool, Box::new(file) as Box<dyn std::any::Any + Send + Sync>))
+    },
+    super::question_marks
+);
