@@ -31,8 +31,8 @@ macro_rules! state_tests {
         mod $name {
             use std::sync::Arc;
 
-            use idem_runtime::Error;
             use idem_runtime::state::{Guard, Transitioned, finish_in, transition_in};
+            use idem_runtime::{Error, idempotent};
             use sqlx::{AssertSqlSafe, Pool};
             use tokio::sync::Barrier;
 
@@ -211,6 +211,77 @@ macro_rules! state_tests {
                 assert_eq!(shop.payments().await, 0);
                 assert_eq!(shop.pay(1, false).await.expect("retry"), Transitioned::Applied(()));
                 assert_eq!(shop.payments().await, 1);
+            }
+
+            /// The handler as users write it: the attribute checks `Created → Paid` against
+            /// the machine at compile time and moves the row in `tx` around the body.
+            #[idempotent(
+                strategy = "state",
+                machine = OrderStatus,
+                from = Created,
+                to = Paid,
+                table = "idem_state_macro_orders",
+                id = order_id,
+                tx = tx,
+            )]
+            async fn on_order_paid(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                payments: &str,
+                fail: bool,
+                order_id: i64,
+            ) -> Result<Transitioned<i64, OrderStatus>, Error> {
+                let insert = ($p)(&format!("INSERT INTO {payments} (id) VALUES (?)"));
+                sqlx::query(AssertSqlSafe(insert))
+                    .bind(order_id)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(|error| Error::Store(idem_runtime::StoreError::new("test", error)))?;
+                if fail {
+                    return Err(Error::EmptyScope); // any error of the body
+                }
+                Ok(order_id)
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn handler_moves_the_row_once() {
+                let Some(shop) = shop().await else {
+                    return;
+                };
+                for statement in [
+                    "DROP TABLE IF EXISTS idem_state_macro_orders",
+                    "CREATE TABLE idem_state_macro_orders (id BIGINT PRIMARY KEY, status VARCHAR(16) NOT NULL)",
+                    "INSERT INTO idem_state_macro_orders (id, status) VALUES (7, 'Created')",
+                ] {
+                    sqlx::raw_sql(statement).execute(&shop.pool).await.expect(statement);
+                }
+                let deliver = |fail: bool| {
+                    let shop = shop.clone();
+                    async move {
+                        let mut tx = shop.pool.begin().await.expect("begin");
+                        let outcome = on_order_paid(&mut tx, &shop.payments, fail, 7).await;
+                        tx.commit().await.expect("commit");
+                        outcome
+                    }
+                };
+                assert!(matches!(deliver(true).await, Err(Error::EmptyScope)));
+                assert_eq!(shop.payments().await, 0, "the failed body was rolled back");
+                let tasks: Vec<_> = (0..16).map(|_| tokio::spawn(deliver(false))).collect();
+                let mut applied = 0;
+                for task in tasks {
+                    match task.await.expect("task").expect("delivery") {
+                        Transitioned::Applied(id) => {
+                            assert_eq!(id, 7);
+                            applied += 1;
+                        }
+                        Transitioned::Duplicate(current) => assert_eq!(current, OrderStatus::Paid),
+                    }
+                }
+                assert_eq!(applied, 1);
+                assert_eq!(shop.payments().await, 1);
+                sqlx::raw_sql("DROP TABLE idem_state_macro_orders")
+                    .execute(&shop.pool)
+                    .await
+                    .expect("drop");
             }
 
             /// Integer storage: the discriminants are what is written and compared.

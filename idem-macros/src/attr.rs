@@ -19,6 +19,13 @@ pub const OPTIONS: &[&str] = &[
     "heartbeat",
     "strategy",
     "tx",
+    "machine",
+    "from",
+    "to",
+    "table",
+    "id",
+    "column",
+    "id_column",
     "crate",
 ];
 
@@ -35,6 +42,13 @@ pub struct Options {
     pub heartbeat: Option<LitBool>,
     pub strategy: Option<LitStr>,
     pub tx: Option<Expr>,
+    pub machine: Option<syn::Path>,
+    pub from: Option<Ident>,
+    pub to: Option<Ident>,
+    pub table: Option<LitStr>,
+    pub id: Option<Expr>,
+    pub column: Option<LitStr>,
+    pub id_column: Option<LitStr>,
     pub krate: Option<syn::Path>,
 }
 
@@ -200,6 +214,65 @@ fn option(
                 set(&mut options.tx, value, &name, errors);
             }
         }
+        "machine" => {
+            if let Some(value) = value(&meta, &name, errors)? {
+                match value {
+                    Expr::Path(path) if path.qself.is_none() => {
+                        set(&mut options.machine, path.path, &name, errors);
+                    }
+                    other => errors.spanned(
+                        other.span(),
+                        "`machine` names the enum that derives `StateMachine`, e.g. `machine = OrderStatus`",
+                    ),
+                }
+            }
+        }
+        "from" | "to" => {
+            if let Some(value) = value(&meta, &name, errors)? {
+                let state = match &value {
+                    Expr::Path(path) if path.qself.is_none() => path.path.get_ident().cloned(),
+                    _ => None,
+                };
+                match state {
+                    Some(state) => {
+                        let slot = if label == "from" {
+                            &mut options.from
+                        } else {
+                            &mut options.to
+                        };
+                        set(slot, state, &name, errors);
+                    }
+                    None => errors.spanned(
+                        value.span(),
+                        format_args!(
+                            "`{label}` names a state of the machine, e.g. `{label} = Paid`"
+                        ),
+                    ),
+                }
+            }
+        }
+        "table" | "column" | "id_column" => {
+            let example = format!("a plain SQL identifier, e.g. `{label} = \"orders\"`");
+            if let Some(lit) = string(&meta, &name, &example, errors)? {
+                if let Err(reason) = plain_identifier(&lit.value()) {
+                    errors.spanned(
+                        lit.span(),
+                        format_args!("`{label} = {:?}` is not a plain SQL identifier: {reason}; names are never quoted, so use ASCII letters, digits and `_`", lit.value()),
+                    );
+                }
+                let slot = match label.as_str() {
+                    "table" => &mut options.table,
+                    "column" => &mut options.column,
+                    _ => &mut options.id_column,
+                };
+                set(slot, lit, &name, errors);
+            }
+        }
+        "id" => {
+            if let Some(value) = value(&meta, &name, errors)? {
+                set(&mut options.id, value, &name, errors);
+            }
+        }
         "crate" => {
             if let Some(lit) = string(
                 &meta,
@@ -343,6 +416,26 @@ fn closest(unknown: &str) -> Option<&'static str> {
         .filter(|(distance, option)| *distance <= 2 && *distance < option.len() / 2 + 1)
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, option)| option)
+}
+
+/// Whether `name` is a plain SQL identifier: an ASCII letter or `_`, then letters, digits or
+/// `_`, at most 63 bytes (the rule the runtime applies to table names too).
+fn plain_identifier(name: &str) -> Result<(), &'static str> {
+    let mut chars = name.chars();
+    match chars.next() {
+        None => return Err("it is empty"),
+        Some(first) if !(first.is_ascii_alphabetic() || first == '_') => {
+            return Err("it must start with an ASCII letter or `_`");
+        }
+        Some(_) => {}
+    }
+    if !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err("it may only contain ASCII letters, digits and `_`");
+    }
+    if name.len() > 63 {
+        return Err("it is longer than 63 bytes");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use syn::spanned::Spanned;
 
 use crate::ast::Handler;
 use crate::attr::{self, DurationValue, Errors};
-use crate::valid::{self, FingerprintPlan, KeyPlan, Plan, Strategy};
+use crate::valid::{self, Checked, FingerprintPlan, KeyPlan, Plan, StatePlan, Strategy};
 
 /// The whole macro on `proc_macro2` types: parse → validate → expand. On any error the
 /// function is emitted unchanged next to the errors, so the rest of the crate still type-checks.
@@ -23,7 +23,8 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     match valid::validate(options, &handler, &mut errors) {
-        Some(plan) if errors.is_empty() => generate(&handler, &plan),
+        Some(Checked::Keyed(plan)) if errors.is_empty() => generate(&handler, &plan),
+        Some(Checked::State(plan)) if errors.is_empty() => generate_state(&handler, &plan),
         _ => {
             // The options that use the arguments are gone with the expansion: do not add
             // "unused variable" warnings to the errors.
@@ -203,6 +204,93 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
             #key_stmt
             #fingerprint_stmt
             #call
+        }
+    }
+}
+
+/// `strategy = "state"`: check the transition at compile time, move the row, run the body.
+fn generate_state(handler: &Handler, plan: &StatePlan) -> TokenStream {
+    let syn::ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
+        ..
+    } = &handler.item;
+    let outer = attrs
+        .iter()
+        .filter(|attr| matches!(attr.style, syn::AttrStyle::Outer));
+    let inner = attrs
+        .iter()
+        .filter(|attr| matches!(attr.style, syn::AttrStyle::Inner(_)));
+    let stmts = &block.stmts;
+    let StatePlan {
+        krate,
+        machine,
+        from,
+        to,
+        table,
+        id,
+        column,
+        id_column,
+        tx,
+        output,
+    } = plan;
+    let private = quote!(#krate::__private);
+    let local = |name: &str| format_ident!("__idem_{}", name, span = Span::mixed_site());
+    let (anchor, body, pending, guard, row) = (
+        local("anchor"),
+        local("body"),
+        local("pending"),
+        local("guard"),
+        local("row"),
+    );
+    let at_output = Span::call_site().located_at(output.span());
+    let undeclared = format!(
+        "`{machine}` does not declare the transition `{from}` → `{to}`: add `{to}` to `#[state(to(…))]` on `{from}` if that move is legal, or name a declared transition",
+        machine = quote!(#machine).to_string().replace(' ', ""),
+    );
+    let check = quote_spanned!(from.span().join(to.span()).unwrap_or_else(|| from.span())=>
+        const _: () = ::core::assert!(#machine::__idem_declared(#machine::#from, #machine::#to), #undeclared);
+    );
+    let begin = respan(quote!(#krate::state::transition_in), at_output);
+    let end = respan(quote!(#private::state_end), at_output);
+    quote! {
+        #(#outer)*
+        #vis #sig {
+            #(#inner)*
+            // A state that is not a variant is reported at its name; a transition the machine
+            // does not declare fails this constant.
+            #check
+            let #row = #id;
+            let #guard = #private::state_guard(#table, #id_column, #column);
+            let #pending = match #begin(#tx, #guard, #row, #machine::#from, #machine::#to).await {
+                ::core::result::Result::Ok(#private::Transitioned::Applied(pending)) => pending,
+                ::core::result::Result::Ok(#private::Transitioned::Duplicate(current)) => {
+                    return ::core::result::Result::Ok(#private::Transitioned::Duplicate(current));
+                }
+                ::core::result::Result::Err(error) => {
+                    return ::core::result::Result::Err(::core::convert::From::from(error));
+                }
+            };
+            let #body = async {
+                #[allow(
+                    unknown_lints,
+                    unreachable_code,
+                    clippy::diverging_sub_expression,
+                    clippy::empty_loop,
+                    clippy::let_unit_value,
+                    clippy::needless_return,
+                    clippy::unreachable
+                )]
+                if false {
+                    let #anchor: #private::StateBody<#output> = loop {};
+                    return #anchor;
+                }
+                #(#stmts)*
+            }
+            .await;
+            #end(#tx, #pending, #body).await
         }
     }
 }

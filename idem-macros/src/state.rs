@@ -2,7 +2,7 @@
 //! what each state reaches, all known at compile time.
 
 use proc_macro2::TokenStream;
-use quote::{format_ident, quote};
+use quote::quote;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Fields, Ident, LitStr};
 
@@ -149,43 +149,45 @@ fn expand(input: &DeriveInput, errors: &mut Errors) -> Option<TokenStream> {
             })
     });
 
-    let vis = &input.vis;
-    let markers = format_ident!("__idem_states_{}", name);
-    let names = states.iter().map(|state| state.to_string());
     let storage = if int_storage {
         quote!(#krate::state::Storage::Int)
     } else {
         quote!(#krate::state::Storage::Text)
     };
-    let transitions = edges.iter().map(|&(from, to)| {
-        let (from, to) = (states[from], states[to]);
-        quote!(impl #krate::state::Transition<#markers::#from, #markers::#to> for #name {})
-    });
+    let declared = if edges.is_empty() {
+        quote!({
+            let _ = (from, to);
+            false
+        })
+    } else {
+        let pairs = edges.iter().map(|&(from, to)| {
+            let (from, to) = (states[from], states[to]);
+            quote!((#name::#from, #name::#to))
+        });
+        quote!(::core::matches!((from, to), #(#pairs)|*))
+    };
+    let names: Vec<String> = states.iter().map(ToString::to_string).collect();
     let text_arms = states
         .iter()
-        .zip(names.clone())
+        .zip(&names)
         .map(|(state, text)| quote!(#text => ::core::option::Option::Some(#name::#state)));
     let name_arms = states
         .iter()
-        .zip(names)
+        .zip(&names)
         .map(|(state, text)| quote!(#name::#state => #text));
     let int_arms = states.iter().map(|state| {
         quote!(value if value == #name::#state as i64 => ::core::option::Option::Some(#name::#state))
     });
-    let marker_docs = format!("The states of [`{name}`] as types, for its declared transitions.");
 
     Some(quote! {
-        #[doc = #marker_docs]
-        #[doc(hidden)]
-        #[allow(non_snake_case, dead_code)]
-        #vis mod #markers {
-            #(
-                #[doc(hidden)]
-                pub struct #states;
-            )*
+        impl #name {
+            /// Whether the machine declares `from → to`: what `#[idempotent(strategy =
+            /// "state")]` checks at compile time.
+            #[doc(hidden)]
+            pub const fn __idem_declared(from: Self, to: Self) -> bool {
+                #declared
+            }
         }
-
-        #(#transitions)*
 
         impl #krate::state::StateMachine for #name {
             const STORAGE: #krate::state::Storage = #storage;

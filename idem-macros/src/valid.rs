@@ -8,7 +8,7 @@ use crate::ast::Handler;
 use crate::attr::{DurationValue, Errors, FingerprintValue, Key, Options};
 
 /// Strategies that later versions add; named so the error can say so.
-const LATER_STRATEGIES: &[&str] = &["version", "state"];
+const LATER_STRATEGIES: &[&str] = &["version"];
 
 /// How the handler is made idempotent.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -17,6 +17,28 @@ pub enum Strategy {
     Claim,
     /// The claim, the body's writes and the result in the handler's own transaction.
     Tx,
+    /// A guarded state transition of the row, in the handler's own transaction.
+    State,
+}
+
+/// What the expansion generates: a keyed strategy (`claim`, `tx`) or a state transition.
+pub enum Checked {
+    Keyed(Box<Plan>),
+    State(Box<StatePlan>),
+}
+
+/// A checked `strategy = "state"`.
+pub struct StatePlan {
+    pub krate: syn::Path,
+    pub machine: syn::Path,
+    pub from: Ident,
+    pub to: Ident,
+    pub table: LitStr,
+    pub id: Expr,
+    pub column: LitStr,
+    pub id_column: LitStr,
+    pub tx: Expr,
+    pub output: Type,
 }
 
 /// What the expansion generates, all checked.
@@ -56,7 +78,7 @@ pub enum FingerprintPlan {
 }
 
 /// Checks the options against each other and against the function; records every problem.
-pub fn validate(options: Options, handler: &Handler, errors: &mut Errors) -> Option<Plan> {
+pub fn validate(options: Options, handler: &Handler, errors: &mut Errors) -> Option<Checked> {
     let sig = &handler.item.sig;
     if sig.asyncness.is_none() {
         errors.spanned(
@@ -66,6 +88,15 @@ pub fn validate(options: Options, handler: &Handler, errors: &mut Errors) -> Opt
     }
     let output = output_type(&sig.output, sig.paren_token.span.close(), errors);
     let strategy = check_strategy(&options, errors);
+    if strategy == Some(Strategy::State) {
+        return state_plan(options, output, errors).map(|plan| Checked::State(Box::new(plan)));
+    }
+    for (given, name) in state_options_given(&options) {
+        errors.spanned(
+            given,
+            format_args!("`{name}` belongs to `strategy = \"state\"` (a guarded transition of a row's state); leave it out, or add `strategy = \"state\"`"),
+        );
+    }
 
     if options.key.is_none() {
         errors.spanned(
@@ -91,7 +122,7 @@ pub fn validate(options: Options, handler: &Handler, errors: &mut Errors) -> Opt
         (_, None) => FingerprintPlan::Off,
     };
 
-    Some(Plan {
+    Some(Checked::Keyed(Box::new(Plan {
         krate: options
             .krate
             .unwrap_or_else(|| syn::parse_quote!(::idem_runtime)),
@@ -106,9 +137,114 @@ pub fn validate(options: Options, handler: &Handler, errors: &mut Errors) -> Opt
         output: output?,
         tx: match strategy? {
             Strategy::Tx => Some(options.tx?),
-            Strategy::Claim => None,
+            Strategy::Claim | Strategy::State => None,
         },
         strategy: strategy?,
+    })))
+}
+
+/// The spans and names of the `state` options given.
+fn state_options_given(options: &Options) -> Vec<(Span, &'static str)> {
+    let mut given = Vec::new();
+    let mut add = |span: Option<Span>, name: &'static str| {
+        if let Some(span) = span {
+            given.push((span, name));
+        }
+    };
+    add(options.machine.as_ref().map(Spanned::span), "machine");
+    add(options.from.as_ref().map(Ident::span), "from");
+    add(options.to.as_ref().map(Ident::span), "to");
+    add(options.table.as_ref().map(LitStr::span), "table");
+    add(options.id.as_ref().map(Spanned::span), "id");
+    add(options.column.as_ref().map(LitStr::span), "column");
+    add(options.id_column.as_ref().map(LitStr::span), "id_column");
+    given
+}
+
+/// The spans and names of the keyed options given.
+fn keyed_options_given(options: &Options) -> Vec<(Span, &'static str)> {
+    let mut given = Vec::new();
+    let mut add = |span: Option<Span>, name: &'static str| {
+        if let Some(span) = span {
+            given.push((span, name));
+        }
+    };
+    add(
+        options.key.as_ref().map(|key| match key {
+            Key::Field(lit) => lit.span(),
+            Key::Expr(expr) => expr.span(),
+        }),
+        "key",
+    );
+    add(options.store.as_ref().map(Spanned::span), "store");
+    add(options.scope.as_ref().map(LitStr::span), "scope");
+    add(options.ttl.as_ref().map(duration_span), "ttl");
+    add(options.lease.as_ref().map(duration_span), "lease");
+    add(
+        options
+            .fingerprint
+            .as_ref()
+            .map(|fingerprint| match fingerprint {
+                FingerprintValue::Switch(switch) => switch.span(),
+                FingerprintValue::Expr(expr) => expr.span(),
+            }),
+        "fingerprint",
+    );
+    add(options.wait.as_ref().map(duration_span), "wait");
+    add(
+        options.heartbeat.as_ref().map(|switch| switch.span()),
+        "heartbeat",
+    );
+    given
+}
+
+/// Checks `strategy = "state"`: the machine, the transition, the row and the transaction.
+fn state_plan(options: Options, output: Option<Type>, errors: &mut Errors) -> Option<StatePlan> {
+    for (given, name) in keyed_options_given(&options) {
+        errors.spanned(
+            given,
+            format_args!("`{name}` means nothing with `strategy = \"state\"`: the row's state is the record of what was done; leave `{name}` out"),
+        );
+    }
+    let mut required = |missing: bool, message: &str| {
+        if missing {
+            errors.spanned(Span::call_site(), message);
+        }
+    };
+    required(
+        options.machine.is_none(),
+        "missing option `machine`: name the enum that derives `StateMachine`, e.g. `machine = OrderStatus`",
+    );
+    required(
+        options.from.is_none() || options.to.is_none(),
+        "`strategy = \"state\"` needs the transition: `from = Created, to = Paid` (states of the `machine`)",
+    );
+    required(
+        options.table.is_none(),
+        "missing option `table`: the table of the rows whose state moves, e.g. `table = \"orders\"`",
+    );
+    required(
+        options.id.is_none(),
+        "missing option `id`: which row moves, e.g. `id = msg.order_id` (matched against `id_column`, default `id`)",
+    );
+    required(
+        options.tx.is_none(),
+        "`strategy = \"state\"` moves the row in your database transaction: name the argument that holds it, e.g. `tx = tx` for an argument `tx: &mut sqlx::Transaction<'_, Postgres>`",
+    );
+    let default = |name: &str| LitStr::new(name, Span::call_site());
+    Some(StatePlan {
+        krate: options
+            .krate
+            .unwrap_or_else(|| syn::parse_quote!(::idem_runtime)),
+        machine: options.machine?,
+        from: options.from?,
+        to: options.to?,
+        table: options.table?,
+        id: options.id?,
+        column: options.column.unwrap_or_else(|| default("status")),
+        id_column: options.id_column.unwrap_or_else(|| default("id")),
+        tx: options.tx?,
+        output: output?,
     })
 }
 
@@ -150,17 +286,18 @@ fn check_strategy(options: &Options, errors: &mut Errors) -> Option<Strategy> {
         Some(lit) => match lit.value().as_str() {
             "claim" => Strategy::Claim,
             "tx" => Strategy::Tx,
+            "state" => Strategy::State,
             name if LATER_STRATEGIES.contains(&name) => {
                 errors.spanned(
                     lit.span(),
-                    format_args!("strategy `{name}` is not available in this version of idem; use `strategy = \"claim\"` (the default) or `strategy = \"tx\"`"),
+                    format_args!("strategy `{name}` is not available in this version of idem; use `strategy = \"claim\"` (the default), `\"tx\"` or `\"state\"`"),
                 );
                 return None;
             }
             name => {
                 errors.spanned(
                     lit.span(),
-                    format_args!("unknown strategy `{name}`; the strategies are `claim` (the default) and `tx`: write `strategy = \"tx\"` or leave the option out"),
+                    format_args!("unknown strategy `{name}`; the strategies are `claim` (the default), `tx` and `state`: write one of them or leave the option out"),
                 );
                 return None;
             }
@@ -172,6 +309,14 @@ fn check_strategy(options: &Options, errors: &mut Errors) -> Option<Strategy> {
                 errors.spanned(
                     tx.span(),
                     "`tx` means nothing with the `claim` strategy: to write the record in this transaction, add `strategy = \"tx\"`; otherwise leave `tx` out",
+                );
+            }
+        }
+        Strategy::State => {
+            if let Some(tx) = options.tx.as_ref().filter(|tx| !is_place(tx)) {
+                errors.spanned(
+                    tx.span(),
+                    "`tx` must name the transaction: an argument such as `tx = tx`, a field such as `tx = self.tx`, or `tx = &mut tx`; it is used before and after the body, so it cannot be a call",
                 );
             }
         }

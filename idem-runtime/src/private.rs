@@ -267,3 +267,63 @@ mod tx {
         }
     }
 }
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub use self::state::{Applied, StateBody, state_end, state_guard};
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub use crate::state::Transitioned;
+
+/// What `strategy = "state"` expands to, besides `state::transition_in`.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod state {
+    use sqlx::{Executor, Transaction};
+
+    use super::HandlerResult;
+    use crate::Error;
+    use crate::sql::Backend;
+    use crate::state::{Guard, Pending, Transitioned, finish_in};
+
+    /// The guard of the names the attribute checked.
+    pub const fn state_guard(table: &'static str, id: &'static str, state: &'static str) -> Guard {
+        Guard::checked(table, id, state)
+    }
+
+    /// The return type of a `state` handler, seen as a transition outcome.
+    #[diagnostic::on_unimplemented(
+        message = "a `strategy = \"state\"` handler returns `Result<Transitioned<T, State>, E>`, not `Result<{Self}, E>`",
+        label = "the body returns `Ok(T)`; duplicates get `Transitioned::Duplicate(current state)`",
+        note = "write the return type as `Result<idem_runtime::state::Transitioned<T, YourMachine>, E>`"
+    )]
+    pub trait Applied {
+        /// What the body returns.
+        type Value;
+    }
+
+    impl<T, S> Applied for Transitioned<T, S> {
+        type Value = T;
+    }
+
+    /// The type of a `state` handler's body: `Result<T, E>` for a handler returning
+    /// `Result<Transitioned<T, S>, E>`.
+    pub type StateBody<R> =
+        Result<<<R as HandlerResult>::Ok as Applied>::Value, <R as HandlerResult>::Err>;
+
+    /// Keeps the transition with the body's writes, or rolls both back when the body failed.
+    pub async fn state_end<DB, T, S, E>(
+        tx: &mut Transaction<'_, DB>,
+        pending: Pending,
+        body: Result<T, E>,
+    ) -> Result<Transitioned<T, S>, E>
+    where
+        DB: Backend,
+        E: From<Error>,
+        for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    {
+        let kept = finish_in(tx, pending, body.is_ok()).await;
+        match (body, kept) {
+            (Ok(value), Ok(())) => Ok(Transitioned::Applied(value)),
+            (Err(error), Ok(())) => Err(error),
+            (_, Err(undo)) => Err(E::from(undo)),
+        }
+    }
+}

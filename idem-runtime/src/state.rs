@@ -72,15 +72,6 @@ pub trait StateMachine: Copy + Eq + fmt::Debug + Send + Sync + 'static {
     fn reaches(self, other: Self) -> bool;
 }
 
-/// Implemented by the derive for every declared transition `From → To` (the marker types of
-/// its states), so that the attribute can check a transition at compile time.
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` does not declare the transition `{From}` → `{To}`",
-    label = "not a declared transition",
-    note = "add `{To}` to `#[state(to(…))]` on `{From}` if the move is legal, or pick a declared `from`/`to`"
-)]
-pub trait Transition<From, To> {}
-
 /// What a guarded transition did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transitioned<T, S> {
@@ -111,6 +102,15 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// A guard of names the attribute checked at compile time.
+    pub(crate) const fn checked(
+        table: &'static str,
+        id: &'static str,
+        state: &'static str,
+    ) -> Self {
+        Self { table, id, state }
+    }
+
     /// The guard of `table`'s `state` column, rows keyed by `id`.
     ///
     /// # Errors
