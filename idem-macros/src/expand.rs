@@ -22,14 +22,34 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
             return quote!(#item #errors);
         }
     };
+    let state = options
+        .strategy
+        .as_ref()
+        .is_some_and(|strategy| strategy.value() == "state");
     match valid::validate(options, &handler, &mut errors) {
         Some(Checked::Keyed(plan)) if errors.is_empty() => generate(&handler, &plan),
         Some(Checked::State(plan)) if errors.is_empty() => generate_state(&handler, &plan),
         _ => {
             // The options that use the arguments are gone with the expansion: do not add
             // "unused variable" warnings to the errors.
-            let item = &handler.item;
             let errors = errors.to_compile_errors();
+            if state {
+                // A state handler's body returns `Ok(T)` under a signature promising
+                // `Transitioned<T, _>`, which only the expansion reconciles: keep the signature
+                // for the IDE, without the body, so the errors above are the only ones.
+                let syn::ItemFn {
+                    attrs, vis, sig, ..
+                } = &handler.item;
+                return quote! {
+                    #(#attrs)*
+                    #[allow(unused_variables)]
+                    #vis #sig {
+                        ::core::panic!("`#[idempotent]` did not expand: see its errors")
+                    }
+                    #errors
+                };
+            }
+            let item = &handler.item;
             quote!(#[allow(unused_variables)] #item #errors)
         }
     }

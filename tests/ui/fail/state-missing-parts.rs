@@ -1,0 +1,25 @@
+// The state strategy needs the machine, the transition, the row and the transaction.
+use idem_runtime::state::Transitioned;
+use idem_runtime::{Error, StateMachine, idempotent};
+use sqlx::{Postgres, Transaction};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, StateMachine)]
+enum OrderStatus {
+    #[state(to(Paid, Cancelled))]
+    Created,
+    #[state(to(Shipped))]
+    Paid,
+    Shipped,
+    Cancelled,
+}
+
+#[idempotent(strategy = "state", from = Created)]
+async fn pay(
+    tx: &mut Transaction<'_, Postgres>,
+    order_id: i64,
+) -> Result<Transitioned<(), OrderStatus>, Error> {
+    let _ = (&tx, order_id);
+    Ok(())
+}
+
+fn main() {}

@@ -1,0 +1,25 @@
+// A transition the machine does not declare is a compile error naming both states.
+use idem_runtime::state::Transitioned;
+use idem_runtime::{Error, StateMachine, idempotent};
+use sqlx::{Postgres, Transaction};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, StateMachine)]
+enum OrderStatus {
+    #[state(to(Paid, Cancelled))]
+    Created,
+    #[state(to(Shipped))]
+    Paid,
+    Shipped,
+    Cancelled,
+}
+
+#[idempotent(strategy = "state", machine = OrderStatus, from = Created, to = Shipped, table = "orders", id = order_id, tx = tx)]
+async fn ship(
+    tx: &mut Transaction<'_, Postgres>,
+    order_id: i64,
+) -> Result<Transitioned<(), OrderStatus>, Error> {
+    let _ = (&tx, order_id);
+    Ok(())
+}
+
+fn main() {}
