@@ -47,8 +47,10 @@ use proc_macro::TokenStream;
 /// | `fingerprint` | an expression to hash, `true`, or `false` | the key's argument(s) |
 /// | `wait` | a duplicate that finds the key in progress waits up to this for the result | fail at once |
 /// | `heartbeat` | `true` extends the lease every third of it while the body runs | `false` |
-/// | `strategy` | `"claim"`, or `"tx"` (below) | `"claim"` |
-/// | `tx` | with `strategy = "tx"`: the argument holding the transaction | required for `tx` |
+/// | `strategy` | `"claim"`, `"tx"` or `"state"` (below) | `"claim"` |
+/// | `tx` | with `strategy = "tx"` or `"state"`: the argument holding the transaction | required there |
+/// | `machine`, `from`, `to` | with `strategy = "state"`: the enum deriving `StateMachine` and the transition | required there |
+/// | `table`, `id`, `column`, `id_column` | with `strategy = "state"`: the row (`column` defaults to `status`, `id_column` to `id`) | `table`, `id` required there |
 /// | `crate` | the path idem is reachable at, for crates that re-export it | `"::idem_runtime"` |
 ///
 /// Durations are strings with a unit (`"500ms"`, `"30s"`, `"5m"`, `"24h"`, `"7d"`), checked at
@@ -122,6 +124,30 @@ use proc_macro::TokenStream;
 /// lock until that commit and replays the stored result; an `Err` from the body rolls back to
 /// the savepoint, undoing the claim and the body's writes. `wait` and `heartbeat` mean nothing
 /// here. See `idem_runtime::tx`.
+///
+/// # `strategy = "state"`
+///
+/// A handler that moves a row from one state to the next, in the caller's transaction:
+///
+/// ```ignore
+/// #[idempotent(strategy = "state", machine = OrderStatus, from = Created, to = Paid,
+///              table = "orders", id = msg.order_id, tx = tx)]
+/// async fn on_order_paid(
+///     tx: &mut sqlx::Transaction<'_, Postgres>,
+///     msg: OrderPaid,
+/// ) -> Result<Transitioned<Receipt, OrderStatus>, AppError> {
+///     // … writes through `&mut **tx` …
+///     Ok(Receipt { order_id: msg.order_id })
+/// }
+/// ```
+///
+/// `from → to` must be a transition `OrderStatus` declares (`#[state(to(Paid))]` on `Created`),
+/// checked at compile time; table and column names must be plain identifiers. The generated
+/// code runs `UPDATE orders SET status = <to> WHERE id = ? AND status = <from>` under a
+/// savepoint, then the body (whose `Ok(T)` becomes `Transitioned::Applied(T)`), keeping or
+/// rolling back both together. A row already at `to` or past it is
+/// `Transitioned::Duplicate(current)` without running the body; another state is
+/// `Error::InvalidTransition`, no row `Error::RowMissing`. See `idem_runtime::state`.
 ///
 /// # At run time
 ///
