@@ -192,41 +192,12 @@ macro_rules! insert_once_tests {
     };
 }
 
-/// `?` placeholders as they are (MySQL, SQLite).
-fn question_marks(statement: &str) -> String {
-    statement.to_owned()
-}
-
-/// `?` placeholders numbered `$1`, `$2`, … (PostgreSQL).
-fn numbered(statement: &str) -> String {
-    let mut numbered = String::with_capacity(statement.len() + 8);
-    let mut n = 0;
-    for c in statement.chars() {
-        if c == '?' {
-            n += 1;
-            numbered.push_str(&format!("${n}"));
-        } else {
-            numbered.push(c);
-        }
-    }
-    numbered
-}
-
 insert_once_tests!(
     postgres,
     sqlx::Postgres,
     idem_runtime::postgres::insert_once,
-    |table| {
-        use idem_tests::sql_servers::{DropTable, Server, postgres_pool};
-        let drop = DropTable {
-            server: Server::Postgres,
-            table: table.clone(),
-        };
-        postgres_pool()
-            .await
-            .map(|pool| (pool, Box::new(drop) as Box<dyn std::any::Any + Send + Sync>))
-    },
-    super::numbered,
+    |table| idem_tests::sql_servers::postgres_scratch(&table).await,
+    idem_tests::sql_servers::numbered,
     "INSERT INTO {} (order_no, amount) VALUES (?, ?) ON CONFLICT DO NOTHING"
 );
 
@@ -234,17 +205,8 @@ insert_once_tests!(
     mysql,
     sqlx::MySql,
     idem_runtime::mysql::insert_once,
-    |table| {
-        use idem_tests::sql_servers::{DropTable, Server, mysql_pool};
-        let drop = DropTable {
-            server: Server::Mysql,
-            table: table.clone(),
-        };
-        mysql_pool()
-            .await
-            .map(|pool| (pool, Box::new(drop) as Box<dyn std::any::Any + Send + Sync>))
-    },
-    super::question_marks,
+    |table| idem_tests::sql_servers::mysql_scratch(&table).await,
+    idem_tests::sql_servers::question_marks,
     "INSERT IGNORE INTO {} (order_no, amount) VALUES (?, ?)"
 );
 
@@ -252,17 +214,7 @@ insert_once_tests!(
     sqlite,
     sqlx::Sqlite,
     idem_runtime::sqlite::insert_once,
-    |table| {
-        // A file of its own, deleted with the store that opened it.
-        let _ = &table;
-        let file = idem_tests::sqlite_file::FileStore::open(
-            "insert-once",
-            idem_runtime::clock::SystemClock,
-        )
-        .await;
-        let pool = file.store.pool().clone();
-        Some((pool, Box::new(file) as Box<dyn std::any::Any + Send + Sync>))
-    },
-    super::question_marks,
+    |table| idem_tests::sql_servers::sqlite_scratch(&table).await,
+    idem_tests::sql_servers::question_marks,
     "INSERT INTO {} (order_no, amount) VALUES (?, ?) ON CONFLICT DO NOTHING"
 );

@@ -510,6 +510,59 @@ pub mod sql_servers {
         Guarded::new(store, guard)
     }
 
+    /// A pool of the test PostgreSQL and a guard that drops `table` when dropped, for tests
+    /// that create tables of their own.
+    pub async fn postgres_scratch(table: &str) -> Option<(PgPool, Scratch)> {
+        let guard = DropTable {
+            server: Server::Postgres,
+            table: table.to_owned(),
+        };
+        Some((postgres_pool().await?, Box::new(guard)))
+    }
+
+    /// A pool of the test MariaDB and a guard that drops `table` when dropped.
+    pub async fn mysql_scratch(table: &str) -> Option<(MySqlPool, Scratch)> {
+        let guard = DropTable {
+            server: Server::Mysql,
+            table: table.to_owned(),
+        };
+        Some((mysql_pool().await?, Box::new(guard)))
+    }
+
+    /// A pool of a fresh SQLite file (several connections) and a guard that deletes the file
+    /// when dropped; `table` goes with the file.
+    pub async fn sqlite_scratch(table: &str) -> Option<(sqlx::SqlitePool, Scratch)> {
+        let _ = table;
+        let file =
+            crate::sqlite_file::FileStore::open("scratch", idem_runtime::clock::SystemClock).await;
+        let pool = file.store.pool().clone();
+        Some((pool, Box::new(file)))
+    }
+
+    /// What removes a scratch table (or file) when dropped.
+    pub type Scratch = Box<dyn std::any::Any + Send + Sync>;
+
+    /// `?` placeholders as they are (MySQL, SQLite).
+    pub fn question_marks(statement: &str) -> String {
+        statement.to_owned()
+    }
+
+    /// `?` placeholders numbered `$1`, `$2`, … (PostgreSQL).
+    pub fn numbered(statement: &str) -> String {
+        let mut numbered = String::with_capacity(statement.len() + 8);
+        let mut n = 0;
+        for c in statement.chars() {
+            if c == '?' {
+                n += 1;
+                numbered.push('$');
+                numbered.push_str(&n.to_string());
+            } else {
+                numbered.push(c);
+            }
+        }
+        numbered
+    }
+
     /// Which server a table lives on.
     #[derive(Clone, Copy, Debug)]
     pub enum Server {

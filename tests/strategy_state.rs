@@ -313,69 +313,23 @@ macro_rules! state_tests {
     };
 }
 
-/// `?` placeholders as they are (MySQL, SQLite).
-fn question_marks(statement: &str) -> String {
-    statement.to_owned()
-}
-
-/// `?` placeholders numbered `$1`, `$2`, … (PostgreSQL).
-fn numbered(statement: &str) -> String {
-    let mut numbered = String::with_capacity(statement.len() + 8);
-    let mut n = 0;
-    for c in statement.chars() {
-        if c == '?' {
-            n += 1;
-            numbered.push_str(&format!("${n}"));
-        } else {
-            numbered.push(c);
-        }
-    }
-    numbered
-}
-
 state_tests!(
     postgres,
     sqlx::Postgres,
-    |table| {
-        use idem_tests::sql_servers::{DropTable, Server, postgres_pool};
-        let drop = DropTable {
-            server: Server::Postgres,
-            table: table.clone(),
-        };
-        postgres_pool()
-            .await
-            .map(|pool| (pool, Box::new(drop) as Box<dyn std::any::Any + Send + Sync>))
-    },
-    super::numbered
+    |table| idem_tests::sql_servers::postgres_scratch(&table).await,
+    idem_tests::sql_servers::numbered
 );
 
 state_tests!(
     mysql,
     sqlx::MySql,
-    |table| {
-        use idem_tests::sql_servers::{DropTable, Server, mysql_pool};
-        let drop = DropTable {
-            server: Server::Mysql,
-            table: table.clone(),
-        };
-        mysql_pool()
-            .await
-            .map(|pool| (pool, Box::new(drop) as Box<dyn std::any::Any + Send + Sync>))
-    },
-    super::question_marks
+    |table| idem_tests::sql_servers::mysql_scratch(&table).await,
+    idem_tests::sql_servers::question_marks
 );
 
 state_tests!(
     sqlite,
     sqlx::Sqlite,
-    |table| {
-        // One file per shop: the second call for the same shop reuses it.
-        let _ = &table;
-        let file =
-            idem_tests::sqlite_file::FileStore::open("state", idem_runtime::clock::SystemClock)
-                .await;
-        let pool = file.store.pool().clone();
-        Some((pool, Box::new(file) as Box<dyn std::any::Any + Send + Sync>))
-    },
-    super::question_marks
+    |table| idem_tests::sql_servers::sqlite_scratch(&table).await,
+    idem_tests::sql_servers::question_marks
 );

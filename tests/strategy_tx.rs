@@ -449,26 +449,6 @@ macro_rules! tx_tests {
     };
 }
 
-/// `?` placeholders as they are (MySQL, SQLite).
-fn question_marks(statement: &str) -> String {
-    statement.to_owned()
-}
-
-/// `?` placeholders numbered `$1`, `$2`, … (PostgreSQL).
-fn numbered(statement: &str) -> String {
-    let mut numbered = String::with_capacity(statement.len() + 8);
-    let mut n = 0;
-    for c in statement.chars() {
-        if c == '?' {
-            n += 1;
-            numbered.push_str(&format!("${n}"));
-        } else {
-            numbered.push(c);
-        }
-    }
-    numbered
-}
-
 tx_tests!(
     postgres,
     idem_runtime::postgres::PostgresStore,
@@ -482,7 +462,7 @@ tx_tests!(
         };
         Some((store, Box::new(drop)))
     },
-    super::numbered,
+    idem_tests::sql_servers::numbered,
     true
 );
 
@@ -499,7 +479,7 @@ tx_tests!(
         };
         Some((store, Box::new(drop)))
     },
-    super::question_marks,
+    idem_tests::sql_servers::question_marks,
     true
 );
 
@@ -513,7 +493,7 @@ tx_tests!(
             idem_tests::sqlite_file::FileStore::open("tx", idem_runtime::clock::SystemClock).await;
         Some((store, Box::new(())))
     },
-    super::question_marks,
+    idem_tests::sql_servers::question_marks,
     false
 );
 
