@@ -57,13 +57,13 @@
 //! * `claim` (the default, any store): claim the key, run the body, record the result — see
 //!   [`run`].
 //! * `tx` (SQL stores): the claim, the body's writes and the result in the handler's own
-//!   transaction, committed together — see [`tx`](crate::tx) (features `sqlite`, `postgres`,
+//!   transaction, committed together — see [`tx`] (features `sqlite`, `postgres`,
 //!   `mysql`).
 //! * `state` (SQL): a guarded transition of the row's own state, declared on an enum deriving
-//!   `StateMachine` and checked at compile time — see [`state`](crate::state).
+//!   `StateMachine` and checked at compile time — see [`state`].
 //!
 //! And without a strategy: `insert_once` reads a unique-key conflict as a duplicate — see
-//! [`unique`](crate::unique).
+//! [`unique`].
 //!
 //! # Stores
 //!
