@@ -284,6 +284,46 @@ macro_rules! state_tests {
                     .expect("drop");
             }
 
+            /// A `CHAR(n)` state column (padded with spaces) and an `INTEGER` one read back
+            /// right on the duplicate path too.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn char_and_integer_columns_read_back() {
+                let Some(shop) = shop().await else {
+                    return;
+                };
+                let narrow = format!("{}_narrow", shop.payments);
+                let narrow: &'static str = Box::leak(narrow.into_boxed_str());
+                for statement in [
+                    format!("CREATE TABLE {narrow} (id BIGINT PRIMARY KEY, status CHAR(16) NOT NULL, code INTEGER NOT NULL)"),
+                    format!("INSERT INTO {narrow} (id, status, code) VALUES (1, 'Created', 10)"),
+                ] {
+                    sqlx::raw_sql(AssertSqlSafe(statement)).execute(&shop.pool).await.expect("set up");
+                }
+                let text = Guard::new(narrow, "id", "status").expect("plain names");
+                let code = Guard::new(narrow, "id", "code").expect("plain names");
+                for expected in [false, true] {
+                    let mut tx = shop.pool.begin().await.expect("begin");
+                    let moved = transition_in(&mut tx, text, 1_i64, OrderStatus::Created, OrderStatus::Paid)
+                        .await
+                        .expect("text transition");
+                    let coded = transition_in(&mut tx, code, 1_i64, Coded::Created, Coded::Paid)
+                        .await
+                        .expect("integer transition");
+                    // Innermost first: the second transition's savepoint is inside the first.
+                    for done in [coded.applied(), moved.applied()] {
+                        assert_eq!(done.is_none(), expected, "second round is a duplicate");
+                        if let Some(pending) = done {
+                            finish_in(&mut tx, pending, true).await.expect("finish");
+                        }
+                    }
+                    tx.commit().await.expect("commit");
+                }
+                sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {narrow}")))
+                    .execute(&shop.pool)
+                    .await
+                    .expect("drop");
+            }
+
             /// Integer storage: the discriminants are what is written and compared.
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn integer_states_use_their_discriminants() {

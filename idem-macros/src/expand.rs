@@ -265,10 +265,13 @@ fn generate_state(handler: &Handler, plan: &StatePlan) -> TokenStream {
         local("guard"),
         local("row"),
     );
+    let (current, error) = (local("current"), local("error"));
     let at_output = Span::call_site().located_at(output.span());
     let undeclared = format!(
         "`{machine}` does not declare the transition `{from}` → `{to}`: add `{to}` to `#[state(to(…))]` on `{from}` if that move is legal, or name a declared transition",
         machine = quote!(#machine).to_string().replace(' ', ""),
+        from = from.unraw(),
+        to = to.unraw(),
     );
     let check = quote_spanned!(from.span().join(to.span()).unwrap_or_else(|| from.span())=>
         const _: () = ::core::assert!(#machine::__idem_declared(#machine::#from, #machine::#to), #undeclared);
@@ -282,15 +285,15 @@ fn generate_state(handler: &Handler, plan: &StatePlan) -> TokenStream {
             // A state that is not a variant is reported at its name; a transition the machine
             // does not declare fails this constant.
             #check
-            let #row = #id;
+            let #row = &(#id);
             let #guard = #private::state_guard(#table, #id_column, #column);
             let #pending = match #begin(#tx, #guard, #row, #machine::#from, #machine::#to).await {
-                ::core::result::Result::Ok(#private::Transitioned::Applied(pending)) => pending,
-                ::core::result::Result::Ok(#private::Transitioned::Duplicate(current)) => {
-                    return ::core::result::Result::Ok(#private::Transitioned::Duplicate(current));
+                ::core::result::Result::Ok(#private::Transitioned::Applied(#pending)) => #pending,
+                ::core::result::Result::Ok(#private::Transitioned::Duplicate(#current)) => {
+                    return ::core::result::Result::Ok(#private::Transitioned::Duplicate(#current));
                 }
-                ::core::result::Result::Err(error) => {
-                    return ::core::result::Result::Err(::core::convert::From::from(error));
+                ::core::result::Result::Err(#error) => {
+                    return ::core::result::Result::Err(::core::convert::From::from(#error));
                 }
             };
             let #body = async {

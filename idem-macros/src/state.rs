@@ -3,6 +3,7 @@
 
 use proc_macro2::TokenStream;
 use quote::quote;
+use syn::ext::IdentExt as _;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Fields, Ident, LitStr};
 
@@ -98,12 +99,16 @@ fn expand(input: &DeriveInput, errors: &mut Errors) -> Option<TokenStream> {
                         return Err(target.error("name a state of this enum, e.g. `to(Paid)`"));
                     };
                     match states.iter().position(|state| *state == ident) {
+                        Some(to) if to == from => errors.spanned(
+                            ident.span(),
+                            format_args!("`{ident}` cannot go to itself: a guarded transition could not tell a redelivery from a new message"),
+                        ),
                         Some(to) => edges.push((from, to)),
                         None => errors.spanned(
                             ident.span(),
                             format_args!(
                                 "`{ident}` is not a state of `{name}`; its states are: {}",
-                                states.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                                states.iter().map(|state| state.unraw().to_string()).collect::<Vec<_>>().join(", ")
                             ),
                         ),
                     }
@@ -166,7 +171,26 @@ fn expand(input: &DeriveInput, errors: &mut Errors) -> Option<TokenStream> {
         });
         quote!(::core::matches!((from, to), #(#pairs)|*))
     };
-    let names: Vec<String> = states.iter().map(ToString::to_string).collect();
+    let names: Vec<String> = states
+        .iter()
+        .map(|state| state.unraw().to_string())
+        .collect();
+    // Integer storage keeps discriminants in a BIGINT: each must fit.
+    let fits = states.iter().map(|state| {
+        let message = format!(
+            "the discriminant of `{}` does not fit in an i64, which `storage = \"int\"` stores",
+            state.unraw()
+        );
+        quote!(::core::assert!(
+            #name::#state as i128 >= i64::MIN as i128 && #name::#state as i128 <= i64::MAX as i128,
+            #message
+        );)
+    });
+    let fits = if int_storage {
+        quote!(const _: () = { #(#fits)* };)
+    } else {
+        quote!()
+    };
     let text_arms = states
         .iter()
         .zip(&names)
@@ -180,6 +204,8 @@ fn expand(input: &DeriveInput, errors: &mut Errors) -> Option<TokenStream> {
     });
 
     Some(quote! {
+        #fits
+
         impl #name {
             /// Whether the machine declares `from → to`: what `#[idempotent(strategy =
             /// "state")]` checks at compile time.

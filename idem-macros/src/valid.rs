@@ -231,6 +231,14 @@ fn state_plan(options: Options, output: Option<Type>, errors: &mut Errors) -> Op
         options.tx.is_none(),
         "`strategy = \"state\"` moves the row in your database transaction: name the argument that holds it, e.g. `tx = tx` for an argument `tx: &mut sqlx::Transaction<'_, Postgres>`",
     );
+    if let (Some(from), Some(to)) = (&options.from, &options.to)
+        && from == to
+    {
+        errors.spanned(
+            to.span(),
+            format_args!("`from = {from}, to = {to}` goes nowhere: a row already at `{to}` would look like a redelivery and a new message alike; a guarded transition needs two states"),
+        );
+    }
     let default = |name: &str| LitStr::new(name, Span::call_site());
     Some(StatePlan {
         krate: options

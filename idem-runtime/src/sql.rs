@@ -78,6 +78,8 @@ impl Backend for sqlx::Postgres {
     fn placeholder(n: usize) -> String {
         format!("${n}")
     }
+
+    const LOCKING_READ: &'static str = " FOR SHARE";
 }
 
 #[cfg(feature = "mysql")]

@@ -33,6 +33,12 @@
 //! for a step already taken ([`Transitioned::Duplicate`], nothing is written); any other state
 //! → [`Error::InvalidTransition`]; no row → [`Error::RowMissing`]. Concurrent deliveries wait on
 //! the row lock, so exactly one of them applies the transition.
+//!
+//! The attribute checks `from → to` against the declared transitions at compile time;
+//! [`transition_in`] called by hand does not (it moves the row as told). Transitions inside a
+//! cycle (`A → B → A`) reach every state of the cycle, so there a row at any of them reads as a
+//! duplicate. Several transitions in one transaction are finished innermost first, like the
+//! savepoints they are.
 
 use std::fmt;
 
@@ -40,6 +46,10 @@ use sqlx::{Database, Encode, Executor, IntoArguments, Transaction, Type};
 
 use crate::Error;
 use crate::sql::{self, Backend};
+
+/// How many times a transition is tried when the row reaches `from` between the update and
+/// the read that follows it.
+const ATTEMPTS: usize = 4;
 
 /// Where the storage of a state machine lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,6 +159,8 @@ where
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> String: sqlx::Decode<'q, DB> + Type<DB>,
     for<'q> i64: sqlx::Decode<'q, DB>,
+    for<'q> i32: sqlx::Decode<'q, DB> + Type<DB>,
+    for<'q> i16: sqlx::Decode<'q, DB> + Type<DB>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {
     let savepoint = sql::new_savepoint();
@@ -163,23 +175,6 @@ where
         state = guard.state,
         id = guard.id,
     );
-    let query = sqlx::query::<DB>(sqlx::AssertSqlSafe(update));
-    let query = bind_state(query, to);
-    let query = bind_state(query.bind(id.clone()), from);
-    let outcome = query.execute(&mut **tx).await;
-    let changed = match outcome {
-        Ok(done) => DB::rows_affected(&done),
-        Err(error) => {
-            let error = sql::store_error::<DB>(error);
-            return Err(undo::<DB>(tx, &savepoint, error).await);
-        }
-    };
-    if changed > 0 {
-        return Ok(Transitioned::Applied(Pending { savepoint }));
-    }
-
-    // Nothing moved: what is the row at now? (A locking read on MySQL sees the latest commit
-    // even in an older snapshot.)
     let read = format!(
         "SELECT {state} FROM {table} WHERE {id} = {}{}",
         p(1),
@@ -188,34 +183,58 @@ where
         state = guard.state,
         id = guard.id,
     );
-    let row = sqlx::query::<DB>(sqlx::AssertSqlSafe(read))
-        .bind(id.clone())
-        .fetch_optional(&mut **tx)
-        .await;
-    let found = match row {
-        Ok(row) => row,
-        Err(error) => {
-            let error = sql::store_error::<DB>(error);
-            return Err(undo::<DB>(tx, &savepoint, error).await);
-        }
-    };
-    let settled = match found {
-        None => Err(Error::RowMissing {
-            table: guard.table,
-            id: format!("{id:?}"),
-        }),
-        Some(row) => match decode_state::<DB, S>(&row) {
-            Err(error) => Err(error),
-            Ok(current) if current == to || to.reaches(current) => {
-                Ok(Transitioned::Duplicate(current))
+    // A row the update missed may have reached `from` since (the read waited for its lock):
+    // then the update is tried again, now that the row is locked.
+    let mut settled = Err(sql::store_error::<DB>(format!(
+        "the row kept changing during {ATTEMPTS} attempts to move it"
+    )));
+    for _ in 0..ATTEMPTS {
+        let query = sqlx::query::<DB>(sqlx::AssertSqlSafe(update.clone()));
+        let query = bind_state(query, to);
+        let query = bind_state(query.bind(id.clone()), from);
+        let changed = match query.execute(&mut **tx).await {
+            Ok(done) => DB::rows_affected(&done),
+            Err(error) => {
+                let error = sql::store_error::<DB>(error);
+                return Err(undo::<DB>(tx, &savepoint, error).await);
             }
-            Ok(current) => Err(Error::InvalidTransition {
-                current: current.name(),
-                from: from.name(),
-                to: to.name(),
+        };
+        if changed > 0 {
+            return Ok(Transitioned::Applied(Pending { savepoint }));
+        }
+        // Nothing moved: what is the row at now? (A locking read sees the latest commit even
+        // in an older snapshot.)
+        let found = match sqlx::query::<DB>(sqlx::AssertSqlSafe(read.clone()))
+            .bind(id.clone())
+            .fetch_optional(&mut **tx)
+            .await
+        {
+            Ok(found) => found,
+            Err(error) => {
+                let error = sql::store_error::<DB>(error);
+                return Err(undo::<DB>(tx, &savepoint, error).await);
+            }
+        };
+        settled = match found {
+            None => Err(Error::RowMissing {
+                table: guard.table,
+                id: format!("{id:?}"),
             }),
-        },
-    };
+            Some(row) => match decode_state::<DB, S>(&row) {
+                Err(error) => Err(error),
+                Ok(current) if current == from => continue,
+                Ok(current) if current == to || to.reaches(current) => {
+                    Ok(Transitioned::Duplicate(current))
+                }
+                Ok(current) => Err(Error::InvalidTransition {
+                    current: current.name(),
+                    from: from.name(),
+                    to: to.name(),
+                }),
+            },
+        };
+        break;
+    }
     match sql::abandon::<DB>(&mut **tx, &savepoint).await {
         Ok(()) => settled,
         Err(undo) => Err(undo),
@@ -285,24 +304,35 @@ where
     S: StateMachine,
     for<'q> String: sqlx::Decode<'q, DB> + Type<DB>,
     for<'q> i64: sqlx::Decode<'q, DB> + Type<DB>,
+    for<'q> i32: sqlx::Decode<'q, DB> + Type<DB>,
+    for<'q> i16: sqlx::Decode<'q, DB> + Type<DB>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {
     use sqlx::Row as _;
     let undecodable = |what: String| Error::Store(crate::StoreError::new("state", what));
     match S::STORAGE {
         Storage::Text => {
-            let name: String = row.try_get(0).map_err(|error| {
+            let name: Option<String> = row.try_get(0).map_err(|error| {
                 undecodable(format!("the state column does not hold text: {error}"))
             })?;
-            S::from_text(&name)
+            let name = name.ok_or_else(|| undecodable("the row's state is NULL".to_owned()))?;
+            // A `CHAR(n)` column pads the name with spaces.
+            let name = name.trim_end();
+            S::from_text(name)
                 .ok_or_else(|| undecodable(format!("`{name}` is not a state of the machine")))
         }
         Storage::Int => {
-            let value: i64 = row.try_get(0).map_err(|error| {
-                undecodable(format!(
-                    "the state column does not hold an integer: {error}"
-                ))
-            })?;
+            // Whatever integer column holds it: BIGINT, INTEGER, SMALLINT.
+            let value: Option<i64> = row
+                .try_get::<Option<i64>, _>(0)
+                .or_else(|_| row.try_get::<Option<i32>, _>(0).map(|v| v.map(i64::from)))
+                .or_else(|_| row.try_get::<Option<i16>, _>(0).map(|v| v.map(i64::from)))
+                .map_err(|error| {
+                    undecodable(format!(
+                        "the state column does not hold an integer: {error}"
+                    ))
+                })?;
+            let value = value.ok_or_else(|| undecodable("the row's state is NULL".to_owned()))?;
             S::from_int(value)
                 .ok_or_else(|| undecodable(format!("{value} is not a state of the machine")))
         }
