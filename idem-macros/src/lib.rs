@@ -101,7 +101,7 @@ use proc_macro::TokenStream;
 /// together, or not at all, so they happen exactly once even across a crash. The handler
 /// takes the transaction and names it with `tx`; the store is the SQL store of that database:
 ///
-/// ```ignore
+/// ```text
 /// #[idempotent(key = "order_no", store = &self.store, strategy = "tx", tx = tx)]
 /// async fn on_order_paid(
 ///     &self,
@@ -129,7 +129,7 @@ use proc_macro::TokenStream;
 ///
 /// A handler that moves a row from one state to the next, in the caller's transaction:
 ///
-/// ```ignore
+/// ```text
 /// #[idempotent(strategy = "state", machine = OrderStatus, from = Created, to = Paid,
 ///              table = "orders", id = msg.order_id, tx = tx)]
 /// async fn on_order_paid(
