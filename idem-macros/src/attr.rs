@@ -2,7 +2,9 @@
 //! the shape that option takes, with its span kept. Rules across options live in `valid.rs`.
 
 use proc_macro2::{Span, TokenStream};
+use syn::ext::IdentExt as _;
 use syn::meta::ParseNestedMeta;
+use syn::parse::Parse as _;
 use syn::parse::Parser;
 use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, Ident, Lit, LitBool, LitStr};
@@ -26,6 +28,10 @@ pub const OPTIONS: &[&str] = &[
     "id",
     "column",
     "id_column",
+    "version",
+    "version_column",
+    "set",
+    "stale",
     "crate",
 ];
 
@@ -49,7 +55,71 @@ pub struct Options {
     pub id: Option<Expr>,
     pub column: Option<LitStr>,
     pub id_column: Option<LitStr>,
+    pub version: Option<Expr>,
+    pub version_column: Option<LitStr>,
+    pub set: Option<Assignments>,
+    pub stale: Option<LitStr>,
     pub krate: Option<syn::Path>,
+}
+
+/// `set(column = value, column += value, column -= value, …)` of `strategy = "version"`.
+pub struct Assignments {
+    /// The `set` keyword, for errors about the whole list.
+    pub span: Span,
+    pub list: Vec<Assignment>,
+}
+
+/// One assignment of `set(…)`.
+pub struct Assignment {
+    pub column: Ident,
+    pub change: Change,
+    pub value: Expr,
+}
+
+/// How an assignment changes its column.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// `column = value`
+    Set,
+    /// `column += value`: `column = column + value`
+    Add,
+    /// `column -= value`: `column = column - value`
+    Subtract,
+}
+
+impl syn::parse::Parse for Assignment {
+    fn parse(input: syn::parse::ParseStream<'_>) -> syn::Result<Self> {
+        let column: Ident = input.call(syn::ext::IdentExt::parse_any).map_err(|error| {
+            syn::Error::new(
+                error.span(),
+                "`set(…)` lists assignments to columns: `set(status = \"paid\", money -= msg.amount)`",
+            )
+        })?;
+        let lookahead = input.lookahead1();
+        let change = if lookahead.peek(syn::Token![+=]) {
+            input.parse::<syn::Token![+=]>()?;
+            Change::Add
+        } else if lookahead.peek(syn::Token![-=]) {
+            input.parse::<syn::Token![-=]>()?;
+            Change::Subtract
+        } else if lookahead.peek(syn::Token![=]) {
+            input.parse::<syn::Token![=]>()?;
+            Change::Set
+        } else {
+            return Err(syn::Error::new(
+                input.span(),
+                format_args!(
+                    "expected `=`, `+=` or `-=` after the column `{column}`: `{column} = value` sets it, `{column} += value` and `{column} -= value` change it by the value"
+                ),
+            ));
+        };
+        let value = input.parse()?;
+        Ok(Self {
+            column,
+            change,
+            value,
+        })
+    }
 }
 
 /// `key = "field.path"` or `key = <expression>`.
@@ -251,7 +321,7 @@ fn option(
                 }
             }
         }
-        "table" | "column" | "id_column" => {
+        "table" | "column" | "id_column" | "version_column" => {
             let example = format!("a plain SQL identifier, e.g. `{label} = \"orders\"`");
             if let Some(lit) = string(&meta, &name, &example, errors)? {
                 if let Err(reason) = plain_identifier(&lit.value()) {
@@ -263,6 +333,7 @@ fn option(
                 let slot = match label.as_str() {
                     "table" => &mut options.table,
                     "column" => &mut options.column,
+                    "version_column" => &mut options.version_column,
                     _ => &mut options.id_column,
                 };
                 set(slot, lit, &name, errors);
@@ -272,6 +343,74 @@ fn option(
             if let Some(value) = value(&meta, &name, errors)? {
                 set(&mut options.id, value, &name, errors);
             }
+        }
+        "version" => {
+            if let Some(value) = value(&meta, &name, errors)? {
+                set(&mut options.version, value, &name, errors);
+            }
+        }
+        "stale" => {
+            if let Some(lit) = string(
+                &meta,
+                &name,
+                "`stale = \"duplicate\"` or `stale = \"conflict\"`",
+                errors,
+            )? {
+                if !matches!(lit.value().as_str(), "duplicate" | "conflict") {
+                    errors.spanned(
+                        lit.span(),
+                        format_args!("`stale = {:?}` is not a choice: a row past the expected version is either `\"duplicate\"` (the change was applied already: the default) or `\"conflict\"` (someone else changed the row)", lit.value()),
+                    );
+                }
+                set(&mut options.stale, lit, &name, errors);
+            }
+        }
+        "set" => {
+            if !meta.input.peek(syn::token::Paren) {
+                errors.spanned(
+                    name.span(),
+                    "`set` takes a list of assignments in parentheses: `set(status = \"paid\", money -= msg.amount)`",
+                );
+                skip_value(&meta)?;
+                return Ok(());
+            }
+            let content;
+            syn::parenthesized!(content in meta.input);
+            let list = content.parse_terminated(Assignment::parse, syn::Token![,])?;
+            let list: Vec<Assignment> = list.into_iter().collect();
+            if list.is_empty() {
+                errors.spanned(
+                    name.span(),
+                    "`set()` is empty: list the columns the update assigns, e.g. `set(status = \"paid\")`",
+                );
+            }
+            for (n, assignment) in list.iter().enumerate() {
+                let column = assignment.column.unraw().to_string();
+                if let Err(reason) = plain_identifier(&column) {
+                    errors.spanned(
+                        assignment.column.span(),
+                        format_args!("column `{column}` is not a plain SQL identifier: {reason}"),
+                    );
+                }
+                if list[..n]
+                    .iter()
+                    .any(|earlier| earlier.column.unraw() == assignment.column.unraw())
+                {
+                    errors.spanned(
+                        assignment.column.span(),
+                        format_args!("column `{column}` is assigned twice in `set(…)`: one assignment per column"),
+                    );
+                }
+            }
+            set(
+                &mut options.set,
+                Assignments {
+                    span: name.span(),
+                    list,
+                },
+                &name,
+                errors,
+            );
         }
         "crate" => {
             if let Some(lit) = string(

@@ -6,8 +6,10 @@ use syn::ext::IdentExt as _;
 use syn::spanned::Spanned;
 
 use crate::ast::Handler;
-use crate::attr::{self, DurationValue, Errors};
-use crate::valid::{self, Checked, FingerprintPlan, KeyPlan, Plan, StatePlan, Strategy};
+use crate::attr::{self, Assignment, Change, DurationValue, Errors};
+use crate::valid::{
+    self, Checked, FingerprintPlan, KeyPlan, Plan, StatePlan, Strategy, VersionPlan,
+};
 
 /// The whole macro on `proc_macro2` types: parse → validate → expand. On any error the
 /// function is emitted unchanged next to the errors, so the rest of the crate still type-checks.
@@ -22,20 +24,21 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
             return quote!(#item #errors);
         }
     };
-    let state = options
+    let row_strategy = options
         .strategy
         .as_ref()
-        .is_some_and(|strategy| strategy.value() == "state");
+        .is_some_and(|strategy| matches!(strategy.value().as_str(), "state" | "version"));
     match valid::validate(options, &handler, &mut errors) {
         Some(Checked::Keyed(plan)) if errors.is_empty() => generate(&handler, &plan),
         Some(Checked::State(plan)) if errors.is_empty() => generate_state(&handler, &plan),
+        Some(Checked::Version(plan)) if errors.is_empty() => generate_version(&handler, &plan),
         _ => {
             // The options that use the arguments are gone with the expansion: do not add
             // "unused variable" warnings to the errors.
             let errors = errors.to_compile_errors();
-            if state {
-                // A state handler's body returns `Ok(T)` under a signature promising
-                // `Transitioned<T, _>`, which only the expansion reconciles: keep the signature
+            if row_strategy {
+                // A state or version handler's body returns `Ok(T)` under a signature promising
+                // `Transitioned<T, _>` or `Versioned<T>`, which only the expansion reconciles: keep the signature
                 // for the IDE, without the body, so the errors above are the only ones.
                 let syn::ItemFn {
                     attrs, vis, sig, ..
@@ -308,6 +311,120 @@ fn generate_state(handler: &Handler, plan: &StatePlan) -> TokenStream {
                 )]
                 if false {
                     let #anchor: #private::StateBody<#output> = loop {};
+                    return #anchor;
+                }
+                #(#stmts)*
+            }
+            .await;
+            #end(#tx, #pending, #body).await
+        }
+    }
+}
+
+/// `strategy = "version"`: update the row at the expected version, then run the body.
+fn generate_version(handler: &Handler, plan: &VersionPlan) -> TokenStream {
+    let syn::ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
+        ..
+    } = &handler.item;
+    let outer = attrs
+        .iter()
+        .filter(|attr| matches!(attr.style, syn::AttrStyle::Outer));
+    let inner = attrs
+        .iter()
+        .filter(|attr| matches!(attr.style, syn::AttrStyle::Inner(_)));
+    let stmts = &block.stmts;
+    let VersionPlan {
+        krate,
+        table,
+        id,
+        id_column,
+        version,
+        version_column,
+        set,
+        conflict,
+        tx,
+        output,
+    } = plan;
+    let private = quote!(#krate::__private);
+    let local = |name: &str| format_ident!("__idem_{}", name, span = Span::mixed_site());
+    let (anchor, body, pending, update, row, expected, current, error) = (
+        local("anchor"),
+        local("body"),
+        local("pending"),
+        local("update"),
+        local("row"),
+        local("expected"),
+        local("current"),
+        local("error"),
+    );
+    let at_output = Span::call_site().located_at(output.span());
+    let row_expr = match id {
+        KeyPlan::Field {
+            base,
+            members,
+            span,
+        } => quote_spanned!(*span=> &(#base #(.#members)*)),
+        KeyPlan::Expr(expr) => quote_spanned!(expr.span()=> &(#expr)),
+    };
+    let assignments = set.iter().map(
+        |Assignment {
+             column,
+             change,
+             value,
+         }| {
+            let method = match change {
+                Change::Set => "set",
+                Change::Add => "add",
+                Change::Subtract => "subtract",
+            };
+            let method = Ident::new(method, Span::mixed_site().located_at(value.span()));
+            let name = column.unraw().to_string();
+            quote_spanned!(value.span()=> .#method(#name, &(#value)))
+        },
+    );
+    let stale = if *conflict {
+        quote!(#private::Stale::Conflict)
+    } else {
+        quote!(#private::Stale::Duplicate)
+    };
+    let begin = respan(quote!(#krate::version::update_in), at_output);
+    let end = respan(quote!(#private::version_end), at_output);
+    let expected_stmt = quote_spanned!(version.span()=>
+        let #expected = #private::expected_version(&(#version));
+    );
+    quote! {
+        #(#outer)*
+        #vis #sig {
+            #(#inner)*
+            let #row = #row_expr;
+            #expected_stmt
+            let #update = #private::version_update(#table, #id_column, #version_column)
+                #(#assignments)*;
+            let #pending = match #begin(#tx, #update, #row, #expected, #stale).await {
+                ::core::result::Result::Ok(#private::Versioned::Applied(#pending)) => #pending,
+                ::core::result::Result::Ok(#private::Versioned::AlreadyApplied { current: #current }) => {
+                    return ::core::result::Result::Ok(#private::Versioned::AlreadyApplied { current: #current });
+                }
+                ::core::result::Result::Err(#error) => {
+                    return ::core::result::Result::Err(::core::convert::From::from(#error));
+                }
+            };
+            let #body = async {
+                #[allow(
+                    unknown_lints,
+                    unreachable_code,
+                    clippy::diverging_sub_expression,
+                    clippy::empty_loop,
+                    clippy::let_unit_value,
+                    clippy::needless_return,
+                    clippy::unreachable
+                )]
+                if false {
+                    let #anchor: #private::VersionBody<#output> = loop {};
                     return #anchor;
                 }
                 #(#stmts)*

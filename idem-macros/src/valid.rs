@@ -1,14 +1,12 @@
 //! Rules across the options and the function: what the expansion may rely on.
 
 use proc_macro2::{Span, TokenStream, TokenTree};
+use syn::ext::IdentExt as _;
 use syn::spanned::Spanned;
 use syn::{Expr, Ident, Index, LitStr, Member, ReturnType, Type};
 
 use crate::ast::Handler;
-use crate::attr::{DurationValue, Errors, FingerprintValue, Key, Options};
-
-/// Strategies that later versions add; named so the error can say so.
-const LATER_STRATEGIES: &[&str] = &["version"];
+use crate::attr::{Assignment, DurationValue, Errors, FingerprintValue, Key, Options};
 
 /// How the handler is made idempotent.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -19,12 +17,32 @@ pub enum Strategy {
     Tx,
     /// A guarded state transition of the row, in the handler's own transaction.
     State,
+    /// An optimistic-lock update of the row, in the handler's own transaction.
+    Version,
 }
 
 /// What the expansion generates: a keyed strategy (`claim`, `tx`) or a state transition.
 pub enum Checked {
     Keyed(Box<Plan>),
     State(Box<StatePlan>),
+    Version(Box<VersionPlan>),
+}
+
+/// A checked `strategy = "version"`.
+pub struct VersionPlan {
+    pub krate: syn::Path,
+    pub table: LitStr,
+    /// The row's id: the key.
+    pub id: KeyPlan,
+    pub id_column: LitStr,
+    /// The version the message expects.
+    pub version: Expr,
+    pub version_column: LitStr,
+    pub set: Vec<Assignment>,
+    /// `stale = "conflict"`.
+    pub conflict: bool,
+    pub tx: Expr,
+    pub output: Type,
 }
 
 /// A checked `strategy = "state"`.
@@ -88,10 +106,27 @@ pub fn validate(options: Options, handler: &Handler, errors: &mut Errors) -> Opt
     }
     let output = output_type(&sig.output, sig.paren_token.span.close(), errors);
     let strategy = check_strategy(&options, errors);
+    if strategy == Some(Strategy::Version) {
+        return version_plan(options, handler, output, errors)
+            .map(|plan| Checked::Version(Box::new(plan)));
+    }
+    for (given, name) in version_options_given(&options) {
+        errors.spanned(
+            given,
+            format_args!("`{name}` belongs to `strategy = \"version\"` (an optimistic-lock update of a row); leave it out, or add `strategy = \"version\"`"),
+        );
+    }
     if strategy == Some(Strategy::State) {
         return state_plan(options, output, errors).map(|plan| Checked::State(Box::new(plan)));
     }
     for (given, name) in state_options_given(&options) {
+        if name == "id_column" || name == "table" {
+            errors.spanned(
+                given,
+                format_args!("`{name}` belongs to `strategy = \"state\"` or `\"version\"` (a guarded update of a row); leave it out, or add the strategy"),
+            );
+            continue;
+        }
         errors.spanned(
             given,
             format_args!("`{name}` belongs to `strategy = \"state\"` (a guarded transition of a row's state); leave it out, or add `strategy = \"state\"`"),
@@ -137,7 +172,7 @@ pub fn validate(options: Options, handler: &Handler, errors: &mut Errors) -> Opt
         output: output?,
         tx: match strategy? {
             Strategy::Tx => Some(options.tx?),
-            Strategy::Claim | Strategy::State => None,
+            Strategy::Claim | Strategy::State | Strategy::Version => None,
         },
         strategy: strategy?,
     })))
@@ -256,6 +291,148 @@ fn state_plan(options: Options, output: Option<Type>, errors: &mut Errors) -> Op
     })
 }
 
+/// The spans and names of the `version` options given.
+fn version_options_given(options: &Options) -> Vec<(Span, &'static str)> {
+    let mut given = Vec::new();
+    let mut add = |span: Option<Span>, name: &'static str| {
+        if let Some(span) = span {
+            given.push((span, name));
+        }
+    };
+    add(options.version.as_ref().map(Spanned::span), "version");
+    add(
+        options.version_column.as_ref().map(LitStr::span),
+        "version_column",
+    );
+    add(options.set.as_ref().map(|set| set.span), "set");
+    add(options.stale.as_ref().map(LitStr::span), "stale");
+    given
+}
+
+/// Checks `strategy = "version"`: the row, its version, the assignments and the transaction.
+fn version_plan(
+    options: Options,
+    handler: &Handler,
+    output: Option<Type>,
+    errors: &mut Errors,
+) -> Option<VersionPlan> {
+    for (given, name) in keyed_options_given(&options) {
+        if name == "key" {
+            continue;
+        }
+        errors.spanned(
+            given,
+            format_args!("`{name}` means nothing with `strategy = \"version\"`: the row's version is the record of what was done; leave `{name}` out"),
+        );
+    }
+    for (given, name) in state_options_given(&options) {
+        let hint = match name {
+            "table" | "id_column" => continue,
+            "id" => {
+                "with `strategy = \"version\"`, `key = …` selects the row (matched against `id_column`)"
+            }
+            "column" => "the version column is `version_column`",
+            _ => "it belongs to `strategy = \"state\"`",
+        };
+        errors.spanned(
+            given,
+            format_args!(
+                "`{name}` means nothing with `strategy = \"version\"`: {hint}; leave `{name}` out"
+            ),
+        );
+    }
+    let mut required = |missing: bool, message: &str| {
+        if missing {
+            errors.spanned(Span::call_site(), message);
+        }
+    };
+    required(
+        options.key.is_none(),
+        "missing option `key`: which row the update is for, e.g. `key = \"account_id\"` (a field of the last argument, matched against the column of the same name, or `id_column`)",
+    );
+    required(
+        options.table.is_none(),
+        "missing option `table`: the table of the versioned rows, e.g. `table = \"accounts\"`",
+    );
+    required(
+        options.set.is_none(),
+        "missing option `set`: what the update writes, e.g. `set(money -= msg.amount)` or `set(status = \"paid\")`; idem adds `version = version + 1`",
+    );
+    required(
+        options.tx.is_none(),
+        "`strategy = \"version\"` updates the row in your database transaction: name the argument that holds it, e.g. `tx = tx` for an argument `tx: &mut sqlx::Transaction<'_, Postgres>`",
+    );
+    let key = options
+        .key
+        .and_then(|key| key_plan(key, handler, None, errors));
+    let default = |name: &str| LitStr::new(name, Span::call_site());
+    // A field key names its column; the message that carries it carries the version.
+    let (id_column, version) = match &key {
+        Some(KeyPlan::Field {
+            base,
+            members,
+            span,
+        }) => {
+            let column = match members.last() {
+                Some(Member::Named(field)) => Some(LitStr::new(&field.unraw().to_string(), *span)),
+                Some(Member::Unnamed(_)) => None,
+                None => Some(LitStr::new(&base.unraw().to_string(), *span)),
+            };
+            let version = match members.split_last() {
+                Some((_, path)) => {
+                    let field = Ident::new("version", Span::mixed_site().located_at(*span));
+                    let expr: Expr = syn::parse_quote_spanned!(*span=> #base #(.#path)* .#field);
+                    Some(expr)
+                }
+                None => None,
+            };
+            (column, version)
+        }
+        Some(KeyPlan::Expr(_)) | None => (None, None),
+    };
+    let id_column = options.id_column.or(id_column);
+    if id_column.is_none() && key.is_some() {
+        errors.spanned(
+            Span::call_site(),
+            "missing option `id_column`: the key is an expression, so name the column it is matched against, e.g. `id_column = \"id\"`",
+        );
+    }
+    let version = options.version.or(version);
+    if version.is_none() && key.is_some() {
+        errors.spanned(
+            Span::call_site(),
+            "missing option `version`: the version the message expects the row at, e.g. `version = msg.version`",
+        );
+    }
+    let version_column = options.version_column.unwrap_or_else(|| default("version"));
+    if let Some(set) = &options.set {
+        for assignment in &set.list {
+            if assignment.column.unraw() == version_column.value() {
+                errors.spanned(
+                    assignment.column.span(),
+                    format_args!("`{}` is the version column: idem writes `{0} = {0} + 1` itself; leave it out of `set(…)`", version_column.value()),
+                );
+            }
+        }
+    }
+    Some(VersionPlan {
+        krate: options
+            .krate
+            .unwrap_or_else(|| syn::parse_quote!(::idem_runtime)),
+        table: options.table?,
+        id: key?,
+        id_column: id_column?,
+        version: version?,
+        version_column,
+        set: options.set?.list,
+        conflict: options
+            .stale
+            .is_some_and(|stale| stale.value() == "conflict"),
+        tx: options.tx?,
+        output: output?,
+    })
+}
+
 fn output_type(output: &ReturnType, close: Span, errors: &mut Errors) -> Option<Type> {
     const HINT: &str = "`T` is stored and replayed, and `E` must implement \
                         `From<idem_runtime::Error>`";
@@ -295,17 +472,11 @@ fn check_strategy(options: &Options, errors: &mut Errors) -> Option<Strategy> {
             "claim" => Strategy::Claim,
             "tx" => Strategy::Tx,
             "state" => Strategy::State,
-            name if LATER_STRATEGIES.contains(&name) => {
-                errors.spanned(
-                    lit.span(),
-                    format_args!("strategy `{name}` is not available in this version of idem; use `strategy = \"claim\"` (the default), `\"tx\"` or `\"state\"`"),
-                );
-                return None;
-            }
+            "version" => Strategy::Version,
             name => {
                 errors.spanned(
                     lit.span(),
-                    format_args!("unknown strategy `{name}`; the strategies are `claim` (the default), `tx` and `state`: write one of them or leave the option out"),
+                    format_args!("unknown strategy `{name}`; the strategies are `claim` (the default), `tx`, `state` and `version`: write one of them or leave the option out"),
                 );
                 return None;
             }
@@ -320,7 +491,7 @@ fn check_strategy(options: &Options, errors: &mut Errors) -> Option<Strategy> {
                 );
             }
         }
-        Strategy::State => {
+        Strategy::State | Strategy::Version => {
             if let Some(tx) = options.tx.as_ref().filter(|tx| !is_place(tx)) {
                 errors.spanned(
                     tx.span(),

@@ -89,7 +89,8 @@ pub enum Error {
         source: BoxError,
     },
 
-    /// A guarded state transition found no row with the id (`strategy = "state"`).
+    /// A guarded state transition or a versioned update found no row with the id
+    /// (`strategy = "state"` or `"version"`).
     #[error("no row of `{table}` has the id {id}")]
     RowMissing {
         /// The table.
@@ -108,6 +109,40 @@ pub enum Error {
         from: &'static str,
         /// The state the transition goes to.
         to: &'static str,
+    },
+
+    /// A versioned update found the row past the version the message expected, and the
+    /// handler treats that as a conflict (`stale = "conflict"`): the row changed since the
+    /// message was written, which must be recomputed from the row as it is now.
+    #[error(
+        "row {id} of `{table}` is at version {current}, past the expected {expected}: it changed since the message was written"
+    )]
+    StaleVersion {
+        /// The table.
+        table: &'static str,
+        /// The id, as it was bound.
+        id: String,
+        /// The version the message expected.
+        expected: i64,
+        /// The row's version.
+        current: i64,
+    },
+
+    /// A versioned update found the row behind the version the message expected: a change the
+    /// message builds on has not been applied yet (messages overtook each other). Do not
+    /// acknowledge the message: redeliver it later.
+    #[error(
+        "row {id} of `{table}` is at version {current}, behind the expected {expected}: an earlier change has not arrived yet; redeliver later"
+    )]
+    VersionAhead {
+        /// The table.
+        table: &'static str,
+        /// The id, as it was bound.
+        id: String,
+        /// The version the message expected.
+        expected: i64,
+        /// The row's version.
+        current: i64,
     },
 
     /// A value could not be serialized (the result to store, or the payload to fingerprint),

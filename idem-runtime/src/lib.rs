@@ -108,6 +108,8 @@ pub mod testing;
 pub mod tx;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod unique;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub mod version;
 
 #[doc(hidden)]
 #[path = "private.rs"]

@@ -327,3 +327,103 @@ mod state {
         }
     }
 }
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub use self::version::{
+    ExpectedVersion, VersionBody, VersionedOk, expected_version, version_end, version_update,
+};
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub use crate::version::{Stale, Versioned};
+
+/// What `strategy = "version"` expands to, besides `version::update_in`.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod version {
+    use sqlx::{Executor, Transaction};
+
+    use super::HandlerResult;
+    use crate::Error;
+    use crate::sql::Backend;
+    use crate::version::{Pending, Update, Versioned, finish_in};
+
+    /// The update of the names the attribute checked.
+    pub fn version_update<DB: Backend>(
+        table: &'static str,
+        id: &'static str,
+        version: &'static str,
+    ) -> Update<DB> {
+        Update::checked(table, id, version)
+    }
+
+    /// A version number a message carries.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is not a version number",
+        label = "`version = …` gives the version the message expects the row at",
+        note = "a version is an integer that fits an `i64` (`i64`, `i32`, `u32`, …); for a `u64`, convert it: `version = i64::try_from(msg.version)?`"
+    )]
+    pub trait ExpectedVersion {
+        /// As an `i64`.
+        fn to_i64(&self) -> i64;
+    }
+
+    macro_rules! expected_version {
+        ($($int:ty),*) => {$(
+            impl ExpectedVersion for $int {
+                fn to_i64(&self) -> i64 {
+                    i64::from(*self)
+                }
+            }
+        )*};
+    }
+
+    expected_version!(i64, i32, i16, i8, u32, u16, u8);
+
+    impl<T: ExpectedVersion + ?Sized> ExpectedVersion for &T {
+        fn to_i64(&self) -> i64 {
+            (**self).to_i64()
+        }
+    }
+
+    /// The version the message expects.
+    pub fn expected_version<V: ExpectedVersion + ?Sized>(version: &V) -> i64 {
+        version.to_i64()
+    }
+
+    /// The return type of a `version` handler, seen as an update outcome.
+    #[diagnostic::on_unimplemented(
+        message = "a `strategy = \"version\"` handler returns `Result<Versioned<T>, E>`, not `Result<{Self}, E>`",
+        label = "the body returns `Ok(T)`; duplicates get `Versioned::AlreadyApplied {{ current }}`",
+        note = "write the return type as `Result<idem_runtime::version::Versioned<T>, E>`"
+    )]
+    pub trait VersionedOk {
+        /// What the body returns.
+        type Value;
+    }
+
+    impl<T> VersionedOk for Versioned<T> {
+        type Value = T;
+    }
+
+    /// The type of a `version` handler's body: `Result<T, E>` for a handler returning
+    /// `Result<Versioned<T>, E>`.
+    pub type VersionBody<R> =
+        Result<<<R as HandlerResult>::Ok as VersionedOk>::Value, <R as HandlerResult>::Err>;
+
+    /// Keeps the update with the body's writes, or rolls both back when the body failed.
+    pub async fn version_end<DB, T, E>(
+        tx: &mut Transaction<'_, DB>,
+        pending: Pending,
+        body: Result<T, E>,
+    ) -> Result<Versioned<T>, E>
+    where
+        DB: Backend,
+        E: From<Error>,
+        for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    {
+        let kept = finish_in(tx, pending, body.is_ok()).await;
+        match (body, kept) {
+            (Ok(value), Ok(())) => Ok(Versioned::Applied(value)),
+            (Err(error), Ok(())) => Err(error),
+            (_, Err(undo)) => Err(E::from(undo)),
+        }
+    }
+}

@@ -434,6 +434,35 @@ where
     })
 }
 
+/// `error`, after undoing what was written since the savepoint `name` (or the error of that
+/// undo too, which says to roll the transaction back).
+pub(crate) async fn undo<DB>(tx: &mut sqlx::Transaction<'_, DB>, name: &str, error: Error) -> Error
+where
+    DB: Backend,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+{
+    match abandon::<DB>(&mut **tx, name).await {
+        Ok(()) => error,
+        Err(undo) => store_error::<DB>(format!("{error}; then {undo}")),
+    }
+}
+
+/// The first column of `row` as an integer, whichever integer column holds it (`BIGINT`,
+/// `INTEGER`, `SMALLINT`); `None` for `NULL`.
+pub(crate) fn read_integer<DB>(row: &DB::Row) -> Result<Option<i64>, sqlx::Error>
+where
+    DB: Database,
+    for<'q> i64: sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i32: sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i16: sqlx::Decode<'q, DB> + sqlx::Type<DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    use sqlx::Row as _;
+    row.try_get::<Option<i64>, _>(0)
+        .or_else(|_| row.try_get::<Option<i32>, _>(0).map(|v| v.map(i64::from)))
+        .or_else(|_| row.try_get::<Option<i16>, _>(0).map(|v| v.map(i64::from)))
+}
+
 /// What a claim in a transaction tells its caller; anything but an acquired key undoes the
 /// savepoint `name` first.
 pub(crate) async fn settle_in<DB>(

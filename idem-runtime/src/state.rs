@@ -46,6 +46,7 @@ use sqlx::{Database, Encode, Executor, IntoArguments, Transaction, Type};
 
 use crate::Error;
 use crate::sql::{self, Backend};
+pub use crate::tx::{Pending, finish_in};
 
 /// How many times a transition is tried when the row reaches `from` between the update and
 /// the read that follows it.
@@ -196,11 +197,11 @@ where
             Ok(done) => DB::rows_affected(&done),
             Err(error) => {
                 let error = sql::store_error::<DB>(error);
-                return Err(undo::<DB>(tx, &savepoint, error).await);
+                return Err(sql::undo::<DB>(tx, &savepoint, error).await);
             }
         };
         if changed > 0 {
-            return Ok(Transitioned::Applied(Pending { savepoint }));
+            return Ok(Transitioned::Applied(Pending::new(savepoint)));
         }
         // Nothing moved: what is the row at now? (A locking read sees the latest commit even
         // in an older snapshot.)
@@ -212,7 +213,7 @@ where
             Ok(found) => found,
             Err(error) => {
                 let error = sql::store_error::<DB>(error);
-                return Err(undo::<DB>(tx, &savepoint, error).await);
+                return Err(sql::undo::<DB>(tx, &savepoint, error).await);
             }
         };
         settled = match found {
@@ -238,47 +239,6 @@ where
     match sql::abandon::<DB>(&mut **tx, &savepoint).await {
         Ok(()) => settled,
         Err(undo) => Err(undo),
-    }
-}
-
-/// A transition applied in a transaction whose body has not finished yet.
-#[derive(Debug)]
-#[must_use = "finish the transition with `finish_in`"]
-pub struct Pending {
-    savepoint: String,
-}
-
-/// Ends an applied transition: keeps it with the body's writes when the body succeeded, or
-/// rolls both back when it failed.
-///
-/// # Errors
-///
-/// [`Error::Store`] when the savepoint cannot be released or rolled back: then roll the
-/// transaction back.
-pub async fn finish_in<DB>(
-    tx: &mut Transaction<'_, DB>,
-    pending: Pending,
-    succeeded: bool,
-) -> Result<(), Error>
-where
-    DB: Backend,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-{
-    if succeeded {
-        sql::release_savepoint::<DB>(&mut **tx, &pending.savepoint).await
-    } else {
-        sql::abandon::<DB>(&mut **tx, &pending.savepoint).await
-    }
-}
-
-async fn undo<DB>(tx: &mut Transaction<'_, DB>, savepoint: &str, error: Error) -> Error
-where
-    DB: Backend,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-{
-    match sql::abandon::<DB>(&mut **tx, savepoint).await {
-        Ok(()) => error,
-        Err(undo) => sql::store_error::<DB>(format!("{error}; then {undo}")),
     }
 }
 
@@ -322,16 +282,11 @@ where
                 .ok_or_else(|| undecodable(format!("`{name}` is not a state of the machine")))
         }
         Storage::Int => {
-            // Whatever integer column holds it: BIGINT, INTEGER, SMALLINT.
-            let value: Option<i64> = row
-                .try_get::<Option<i64>, _>(0)
-                .or_else(|_| row.try_get::<Option<i32>, _>(0).map(|v| v.map(i64::from)))
-                .or_else(|_| row.try_get::<Option<i16>, _>(0).map(|v| v.map(i64::from)))
-                .map_err(|error| {
-                    undecodable(format!(
-                        "the state column does not hold an integer: {error}"
-                    ))
-                })?;
+            let value = sql::read_integer::<DB>(row).map_err(|error| {
+                undecodable(format!(
+                    "the state column does not hold an integer: {error}"
+                ))
+            })?;
             let value = value.ok_or_else(|| undecodable("the row's state is NULL".to_owned()))?;
             S::from_int(value)
                 .ok_or_else(|| undecodable(format!("{value} is not a state of the machine")))

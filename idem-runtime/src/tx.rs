@@ -175,3 +175,41 @@ macro_rules! forward_tx_store {
 }
 
 forward_tx_store!(&S, std::sync::Arc<S>, Box<S>);
+
+/// Work applied in a transaction under a savepoint of its own — a guarded state transition
+/// ([`state::transition_in`](crate::state::transition_in)) or a versioned update
+/// ([`version::update_in`](crate::version::update_in)) — whose body has not finished yet.
+#[derive(Debug)]
+#[must_use = "finish it with `finish_in`: keep it, or roll it back with the body's writes"]
+pub struct Pending {
+    savepoint: String,
+}
+
+impl Pending {
+    pub(crate) fn new(savepoint: String) -> Self {
+        Self { savepoint }
+    }
+}
+
+/// Ends [`Pending`] work: keeps it with the body's writes when the body succeeded, or rolls
+/// both back when it failed.
+///
+/// # Errors
+///
+/// [`Error::Store`] when the savepoint cannot be released or rolled back: then roll the
+/// transaction back.
+pub async fn finish_in<DB>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    pending: Pending,
+    succeeded: bool,
+) -> Result<(), Error>
+where
+    DB: crate::sql::Backend,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    if succeeded {
+        crate::sql::release_savepoint::<DB>(&mut **tx, &pending.savepoint).await
+    } else {
+        crate::sql::abandon::<DB>(&mut **tx, &pending.savepoint).await
+    }
+}
