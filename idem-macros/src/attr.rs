@@ -376,9 +376,18 @@ fn option(
             }
             let content;
             syn::parenthesized!(content in meta.input);
-            let list = content.parse_terminated(Assignment::parse, syn::Token![,])?;
-            let list: Vec<Assignment> = list.into_iter().collect();
-            if list.is_empty() {
+            // A malformed list is reported, and the options after it are still read.
+            let (list, malformed) =
+                match content.parse_terminated(Assignment::parse, syn::Token![,]) {
+                    Ok(list) => (list.into_iter().collect::<Vec<_>>(), false),
+                    Err(error) => {
+                        errors.push(error);
+                        // The rest of the list is skipped: one error for it is enough.
+                        content.parse::<TokenStream>()?;
+                        (Vec::new(), true)
+                    }
+                };
+            if list.is_empty() && !malformed {
                 errors.spanned(
                     name.span(),
                     "`set()` is empty: list the columns the update assigns, e.g. `set(status = \"paid\")`",
