@@ -34,7 +34,7 @@ macro_rules! state_tests {
             use idem_runtime::state::{Guard, Transitioned, finish_in, transition_in};
             use idem_runtime::{Error, idempotent};
             use sqlx::{AssertSqlSafe, Pool};
-            use tokio::sync::Barrier;
+            use tokio::sync::{Barrier, Notify};
 
             use super::{Coded, OrderStatus};
 
@@ -210,6 +210,46 @@ macro_rules! state_tests {
                 assert_eq!(shop.status().await, "Created");
                 assert_eq!(shop.payments().await, 0);
                 assert_eq!(shop.pay(1, false).await.expect("retry"), Transitioned::Applied(()));
+                assert_eq!(shop.payments().await, 1);
+            }
+
+            /// A delivery dropped mid-body (its transaction never commits) leaves the row
+            /// where it was; the redelivery waits for the row lock and applies once.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn dropped_delivery_leaves_no_partial_effect() {
+                let Some(shop) = shop().await else {
+                    return;
+                };
+                let written = Arc::new(Notify::new());
+                let crashing = tokio::spawn({
+                    let (shop, written) = (shop.clone(), written.clone());
+                    async move {
+                        let mut tx = shop.pool.begin().await.expect("begin");
+                        let moved = transition_in(&mut tx, shop.guard(), 1_i64, OrderStatus::Created, OrderStatus::Paid)
+                            .await
+                            .expect("transition");
+                        assert!(moved.applied().is_some());
+                        let insert = ($p)(&format!("INSERT INTO {} (id) VALUES (?)", shop.payments));
+                        sqlx::query(AssertSqlSafe(insert))
+                            .bind(1_i64)
+                            .execute(&mut *tx)
+                            .await
+                            .expect("write the payment");
+                        written.notify_one();
+                        std::future::pending::<()>().await;
+                    }
+                });
+                written.notified().await;
+                crashing.abort();
+                assert!(crashing.await.expect_err("aborted").is_cancelled());
+                let redelivered = tokio::time::timeout(
+                    std::time::Duration::from_secs(20),
+                    shop.pay(1, false),
+                )
+                .await
+                .expect("the redelivery waited on the dropped transaction");
+                assert_eq!(redelivered.expect("redelivery"), Transitioned::Applied(()));
+                assert_eq!(shop.status().await, "Paid");
                 assert_eq!(shop.payments().await, 1);
             }
 
