@@ -543,6 +543,40 @@ mod tests {
     }
 
     #[test]
+    fn version_binds_the_key_its_column_and_the_sibling_version() {
+        let out = expand(
+            quote!(
+                key = "account.id",
+                strategy = "version",
+                table = "accounts",
+                set(money -= msg.money, note = "debit"),
+                tx = tx
+            ),
+            quote!(
+                async fn debit(tx: &mut Tx, msg: Debit) -> Result<Versioned<u32>, E> {
+                    Ok(1)
+                }
+            ),
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+        assert!(out.contains("& (msg . account . id)"), "{out}");
+        assert!(
+            out.contains("expected_version (& (msg . account . version))"),
+            "{out}"
+        );
+        assert!(
+            out.contains("version_update (\"accounts\" , \"id\" , \"version\")"),
+            "{out}"
+        );
+        assert!(
+            out.contains(". subtract (\"money\" , & (msg . money))"),
+            "{out}"
+        );
+        assert!(out.contains(". set (\"note\" , & (\"debit\"))"), "{out}");
+        assert!(out.contains("Stale :: Duplicate"), "{out}");
+    }
+
+    #[test]
     fn a_field_key_does_not_read_the_store_argument() {
         let out = expand(
             quote!(key = "order_no", store = &store),

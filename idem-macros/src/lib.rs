@@ -47,10 +47,12 @@ use proc_macro::TokenStream;
 /// | `fingerprint` | an expression to hash, `true`, or `false` | the key's argument(s) |
 /// | `wait` | a duplicate that finds the key in progress waits up to this for the result | fail at once |
 /// | `heartbeat` | `true` extends the lease every third of it while the body runs | `false` |
-/// | `strategy` | `"claim"`, `"tx"` or `"state"` (below) | `"claim"` |
-/// | `tx` | with `strategy = "tx"` or `"state"`: the argument holding the transaction | required there |
+/// | `strategy` | `"claim"`, `"tx"`, `"state"` or `"version"` (below) | `"claim"` |
+/// | `tx` | with `strategy = "tx"`, `"state"` or `"version"`: the argument holding the transaction | required there |
 /// | `machine`, `from`, `to` | with `strategy = "state"`: the enum deriving `StateMachine` and the transition | required there |
 /// | `table`, `id`, `column`, `id_column` | with `strategy = "state"`: the row (`column` defaults to `status`, `id_column` to `id`) | `table`, `id` required there |
+/// | `table`, `set(…)` | with `strategy = "version"`: the table and the assignments (`col = v`, `col += v`, `col -= v`) | required there |
+/// | `version`, `id_column`, `version_column`, `stale` | with `strategy = "version"`: the expected version, the columns, and what a row past the version means (`"duplicate"` or `"conflict"`) | the key's sibling field `version`, the key's field name, `version`, `"duplicate"` |
 /// | `crate` | the path idem is reachable at, for crates that re-export it | `"::idem_runtime"` |
 ///
 /// Durations are strings with a unit (`"500ms"`, `"30s"`, `"5m"`, `"24h"`, `"7d"`), checked at
@@ -148,6 +150,34 @@ use proc_macro::TokenStream;
 /// rolling back both together. A row already at `to` or past it is
 /// `Transitioned::Duplicate(current)` without running the body; another state is
 /// `Error::InvalidTransition`, no row `Error::RowMissing`. See `idem_runtime::state`.
+///
+/// # `strategy = "version"`
+///
+/// An optimistic lock: the message carries the version of the row it was written against,
+/// and the update applies only at that version, in the caller's transaction:
+///
+/// ```text
+/// #[idempotent(key = "id", strategy = "version", table = "accounts",
+///              set(money -= msg.money), tx = tx)]
+/// async fn on_debit(
+///     tx: &mut sqlx::Transaction<'_, Postgres>,
+///     msg: Debit, // { id, money, version }
+/// ) -> Result<Versioned<Receipt>, AppError> {
+///     // … writes through `&mut **tx` …
+///     Ok(Receipt { account: msg.id })
+/// }
+/// ```
+///
+/// The generated code runs, under a savepoint, `UPDATE accounts SET money = money - $1,
+/// version = version + 1 WHERE id = $2 AND version = $3` binding `msg.money`, `msg.id` and
+/// `msg.version`, then the body (whose `Ok(T)` becomes `Versioned::Applied(T)`), keeping or
+/// rolling back both together. A field key names the id column (`id_column` changes it) and
+/// its sibling field `version` is the expected version (`version = …` changes it); a key
+/// expression needs both options. Names are checked as plain identifiers at compile time; the
+/// version column may not be in `set(…)`. When no row changed: a row past the version is
+/// `Versioned::AlreadyApplied { current }` (or `Error::StaleVersion` with `stale =
+/// "conflict"`), a row behind it `Error::VersionAhead`, no row `Error::RowMissing`. See
+/// `idem_runtime::version`.
 ///
 /// # At run time
 ///

@@ -61,6 +61,9 @@
 //!   `mysql`).
 //! * `state` (SQL): a guarded transition of the row's own state, declared on an enum deriving
 //!   `StateMachine` and checked at compile time — see [`state`].
+//! * `version` (SQL): an optimistic lock, `UPDATE … SET …, version = version + 1 WHERE id = ?
+//!   AND version = ?`, telling a duplicate from a missing row and from a conflict — see
+//!   [`version`].
 //!
 //! And without a strategy: `insert_once` reads a unique-key conflict as a duplicate — see
 //! [`unique`].
