@@ -213,6 +213,56 @@ macro_rules! state_tests {
                 assert_eq!(shop.payments().await, 1);
             }
 
+            /// The seed scenario through a state: "order 1 was paid" debits the account
+            /// `{id = 1, money = 200, version = 1}` by 200 as the body of `Created → Paid`;
+            /// delivered twice, the account is debited once.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn seed_account_delivered_twice_is_debited_once() {
+                let Some(shop) = shop().await else {
+                    return;
+                };
+                let accounts = format!("{}_accounts", shop.payments);
+                for statement in [
+                    format!("CREATE TABLE {accounts} (id BIGINT PRIMARY KEY, money BIGINT NOT NULL, version BIGINT NOT NULL)"),
+                    format!("INSERT INTO {accounts} (id, money, version) VALUES (1, 200, 1)"),
+                ] {
+                    sqlx::raw_sql(AssertSqlSafe(statement)).execute(&shop.pool).await.expect("set up");
+                }
+                let mut outcomes = Vec::new();
+                for _ in 0..2 {
+                    let mut tx = shop.pool.begin().await.expect("begin");
+                    let moved = transition_in(&mut tx, shop.guard(), 1_i64, OrderStatus::Created, OrderStatus::Paid)
+                        .await
+                        .expect("transition");
+                    let outcome = match moved {
+                        Transitioned::Applied(pending) => {
+                            let debit = ($p)(&format!("UPDATE {accounts} SET money = money - ? WHERE id = ?"));
+                            sqlx::query(AssertSqlSafe(debit))
+                                .bind(200_i64)
+                                .bind(1_i64)
+                                .execute(&mut *tx)
+                                .await
+                                .expect("debit");
+                            finish_in(&mut tx, pending, true).await.expect("finish");
+                            Transitioned::Applied(())
+                        }
+                        Transitioned::Duplicate(current) => Transitioned::Duplicate(current),
+                    };
+                    tx.commit().await.expect("commit");
+                    outcomes.push(outcome);
+                }
+                assert_eq!(
+                    outcomes,
+                    [Transitioned::Applied(()), Transitioned::Duplicate(OrderStatus::Paid)]
+                );
+                let money = shop.scalar(format!("SELECT money FROM {accounts} WHERE id = 1")).await;
+                assert_eq!(money, 0, "debited once");
+                sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {accounts}")))
+                    .execute(&shop.pool)
+                    .await
+                    .expect("drop");
+            }
+
             /// A delivery dropped mid-body (its transaction never commits) leaves the row
             /// where it was; the redelivery waits for the row lock and applies once.
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -26,6 +26,12 @@
 //! update: run the body on the same transaction, then [`finish_in`], which keeps both or rolls
 //! both back. Concurrent deliveries wait on the row lock; exactly one of them applies.
 //!
+//! Isolation: on PostgreSQL run the transaction at `READ COMMITTED` (the default); at
+//! `REPEATABLE READ` or above, a delivery that waited for a concurrent one to commit fails with
+//! a serialization error ([`Error::Store`]) instead of reading as already applied. MySQL /
+//! MariaDB work at their default `REPEATABLE READ` (an `UPDATE` and the locking read after it
+//! see the latest commit).
+//!
 //! The update is built with [`Update`]: `set` assigns a value, `add` and `subtract` change a
 //! column by one (`money = money - ?`); every value is bound as a parameter, every name is
 //! checked to be a plain identifier. The attribute's `strategy = "version"` writes this for
