@@ -62,8 +62,8 @@
 //! * `state` (SQL): a guarded transition of the row's own state, declared on an enum deriving
 //!   `StateMachine` and checked at compile time — see [`state`].
 //!
-//! And without a strategy: `insert_once` reads a unique-key conflict as a duplicate — see
-//! [`unique`].
+//! And without a strategy: `insert_once` reads a unique-key conflict as a duplicate, and
+//! `Upsert` inserts a row or updates the one its key holds and says which — see [`unique`].
 //!
 //! # Stores
 //!
@@ -108,6 +108,8 @@ pub mod testing;
 pub mod tx;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod unique;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod upsert;
 
 #[doc(hidden)]
 #[path = "private.rs"]
