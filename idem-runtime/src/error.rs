@@ -59,6 +59,16 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// An upsert (`unique::Upsert`) cannot run as it was built: it names no key column, or
+    /// names a column twice. Nothing was sent to the database.
+    #[error("the upsert into `{table}` cannot run: {reason}")]
+    InvalidUpsert {
+        /// The table.
+        table: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// This call's claim was taken over (its lease expired and another call claimed the key) or
     /// the record was purged. Nothing was changed: the other holder's result stands.
     #[error("lease on key `{key}` of `{scope}` was lost (fence {fence}); nothing was recorded")]

@@ -65,8 +65,8 @@
 //!   AND version = ?`, telling a duplicate from a missing row and from a conflict — see
 //!   [`version`].
 //!
-//! And without a strategy: `insert_once` reads a unique-key conflict as a duplicate — see
-//! [`unique`].
+//! And without a strategy: `insert_once` reads a unique-key conflict as a duplicate, and
+//! `Upsert` inserts a row or updates the one its key holds and says which — see [`unique`].
 //!
 //! # Stores
 //!
@@ -111,6 +111,8 @@ pub mod testing;
 pub mod tx;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod unique;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod upsert;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod version;
 

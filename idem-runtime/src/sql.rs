@@ -21,11 +21,27 @@ mod sealed {
     pub trait Sealed {}
 }
 
+/// The SQL dialect of a [`Backend`], for the statements idem writes differently per database.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    MySql,
+}
+
 /// A database idem's SQL stores run on: PostgreSQL, MySQL / MariaDB or SQLite. Sealed: what it
 /// says about a database is idem's business (its name, literals, placeholders).
 pub trait Backend: Database + sealed::Sealed {
     /// The store's name in [`StoreError`]s.
     const BACKEND: &'static str;
+
+    /// The database's SQL dialect.
+    #[doc(hidden)]
+    const DIALECT: Dialect;
 
     /// The literal of a completed record's `completed` column.
     const COMPLETED: &'static str;
@@ -35,6 +51,11 @@ pub trait Backend: Database + sealed::Sealed {
 
     /// How many rows a statement changed.
     fn rows_affected(done: &Self::QueryResult) -> u64;
+
+    /// The id a statement reported with its result: MySQL's `last_insert_id` (an
+    /// `AUTO_INCREMENT` value, or what the statement passed to `LAST_INSERT_ID(expr)`),
+    /// SQLite's last inserted rowid; PostgreSQL reports none.
+    fn insert_id(done: &Self::QueryResult) -> Option<u64>;
 
     /// The `n`th (from 1) parameter placeholder.
     fn placeholder(n: usize) -> String;
@@ -50,11 +71,16 @@ impl sealed::Sealed for sqlx::Sqlite {}
 #[cfg(feature = "sqlite")]
 impl Backend for sqlx::Sqlite {
     const BACKEND: &'static str = "sqlite";
+    const DIALECT: Dialect = Dialect::Sqlite;
     const COMPLETED: &'static str = "1";
     const IN_PROGRESS: &'static str = "0";
 
     fn rows_affected(done: &Self::QueryResult) -> u64 {
         done.rows_affected()
+    }
+
+    fn insert_id(done: &Self::QueryResult) -> Option<u64> {
+        u64::try_from(done.last_insert_rowid()).ok()
     }
 
     fn placeholder(n: usize) -> String {
@@ -68,11 +94,16 @@ impl sealed::Sealed for sqlx::Postgres {}
 #[cfg(feature = "postgres")]
 impl Backend for sqlx::Postgres {
     const BACKEND: &'static str = "postgres";
+    const DIALECT: Dialect = Dialect::Postgres;
     const COMPLETED: &'static str = "TRUE";
     const IN_PROGRESS: &'static str = "FALSE";
 
     fn rows_affected(done: &Self::QueryResult) -> u64 {
         done.rows_affected()
+    }
+
+    fn insert_id(_: &Self::QueryResult) -> Option<u64> {
+        None
     }
 
     fn placeholder(n: usize) -> String {
@@ -88,11 +119,16 @@ impl sealed::Sealed for sqlx::MySql {}
 #[cfg(feature = "mysql")]
 impl Backend for sqlx::MySql {
     const BACKEND: &'static str = "mysql";
+    const DIALECT: Dialect = Dialect::MySql;
     const COMPLETED: &'static str = "1";
     const IN_PROGRESS: &'static str = "0";
 
     fn rows_affected(done: &Self::QueryResult) -> u64 {
         done.rows_affected()
+    }
+
+    fn insert_id(done: &Self::QueryResult) -> Option<u64> {
+        Some(done.last_insert_id())
     }
 
     fn placeholder(_: usize) -> String {
