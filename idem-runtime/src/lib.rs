@@ -86,6 +86,8 @@
 pub mod clock;
 mod error;
 mod handler;
+#[cfg(feature = "axum")]
+pub mod http;
 mod key;
 mod memory;
 mod name;
