@@ -78,7 +78,7 @@ async fn refuse(State(shop): State<Arc<Shop>>) -> Response {
 }
 
 /// The service with every route behind `layer`.
-fn app<S: Store + Send + Sync + 'static>(layer: IdempotencyLayer<S>) -> (Router, Arc<Shop>) {
+fn app<S: Store + 'static>(layer: IdempotencyLayer<S>) -> (Router, Arc<Shop>) {
     let shop = Arc::new(Shop::default());
     let router = Router::new()
         .route("/orders", post(create_order))
@@ -90,7 +90,7 @@ fn app<S: Store + Send + Sync + 'static>(layer: IdempotencyLayer<S>) -> (Router,
 }
 
 /// The layer of these tests: keys scoped by `x-api-key`.
-fn layer<S: Store + Send + Sync + 'static>(store: S) -> IdempotencyLayer<S> {
+fn layer<S: Store + 'static>(store: S) -> IdempotencyLayer<S> {
     IdempotencyLayer::new(store, &idem_tests::servers::unique_name("orders_create"))
         .expect("a scope")
         .caller(CallerHeader::new("X-Api-Key").expect("a header name"))
@@ -160,7 +160,7 @@ async fn send(router: &Router, request: Request<Body>) -> Answer {
 
 const ORDER: &str = r#"{"order_no":"A-1","amount":250}"#;
 
-async fn first_request_runs_and_retries_replay<S: Store + Send + Sync + 'static>(store: S) {
+async fn first_request_runs_and_retries_replay<S: Store + 'static>(store: S) {
     let (router, shop) = app(layer(store));
     let first = send(
         &router,
@@ -183,7 +183,7 @@ async fn first_request_runs_and_retries_replay<S: Store + Send + Sync + 'static>
     assert_eq!(shop.runs.load(Ordering::SeqCst), 1);
 }
 
-async fn missing_or_malformed_key_is_refused<S: Store + Send + Sync + 'static>(store: S) {
+async fn missing_or_malformed_key_is_refused<S: Store + 'static>(store: S) {
     let layer = layer(store);
     let (router, shop) = app(layer.clone());
     send(&router, post_to("/orders", None, Some("alice"), ORDER))
@@ -210,7 +210,7 @@ async fn missing_or_malformed_key_is_refused<S: Store + Send + Sync + 'static>(s
     assert_eq!(shop.runs.load(Ordering::SeqCst), 2);
 }
 
-async fn reused_key_with_another_request_is_422<S: Store + Send + Sync + 'static>(store: S) {
+async fn reused_key_with_another_request_is_422<S: Store + 'static>(store: S) {
     let (router, shop) = app(layer(store));
     let first = send(
         &router,
@@ -237,7 +237,7 @@ async fn reused_key_with_another_request_is_422<S: Store + Send + Sync + 'static
 
 /// 16 copies at once: one runs; the others, while it runs, get `409` with `Retry-After`; a
 /// retry after it finished gets its response.
-async fn concurrent_copies_run_the_handler_once<S: Store + Send + Sync + 'static>(store: S) {
+async fn concurrent_copies_run_the_handler_once<S: Store + 'static>(store: S) {
     let (router, shop) = app(layer(store));
     shop.held.store(true, Ordering::SeqCst);
     let (done, mut answers) = mpsc::unbounded_channel();
@@ -280,7 +280,7 @@ async fn concurrent_copies_run_the_handler_once<S: Store + Send + Sync + 'static
     assert_eq!(shop.runs.load(Ordering::SeqCst), 1);
 }
 
-async fn callers_never_see_each_others_responses<S: Store + Send + Sync + 'static>(store: S) {
+async fn callers_never_see_each_others_responses<S: Store + 'static>(store: S) {
     let (router, shop) = app(layer(store));
     let alice = send(
         &router,
@@ -302,11 +302,7 @@ async fn callers_never_see_each_others_responses<S: Store + Send + Sync + 'stati
     assert_eq!(shop.runs.load(Ordering::SeqCst), 2);
 }
 
-async fn server_errors_release_the_key_and_deliberate_4xx_are_kept<
-    S: Store + Send + Sync + 'static,
->(
-    store: S,
-) {
+async fn server_errors_release_the_key_and_deliberate_4xx_are_kept<S: Store + 'static>(store: S) {
     let (router, shop) = app(layer(store));
     let failed = send(&router, post_to("/flaky", Some("k-6"), Some("alice"), "{}")).await;
     assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -341,7 +337,7 @@ async fn server_errors_release_the_key_and_deliberate_4xx_are_kept<
 }
 
 /// With a `wait`, a copy that finds the request running waits for its response.
-async fn waiting_copy_gets_the_first_response<S: Store + Send + Sync + 'static>(store: S) {
+async fn waiting_copy_gets_the_first_response<S: Store + 'static>(store: S) {
     let layer = layer(store).policy(
         Policy::new()
             .with_lease(Duration::from_secs(60))
@@ -400,7 +396,7 @@ macro_rules! cases {
 macro_rules! store_module {
     ($name:ident, $make:expr) => {
         mod $name {
-            async fn store() -> Option<impl idem_runtime::Store + Send + Sync + 'static> {
+            async fn store() -> Option<impl idem_runtime::Store + 'static> {
                 $make
             }
 

@@ -286,7 +286,7 @@ impl<S> fmt::Debug for IdempotencyLayer<S> {
     }
 }
 
-impl<S: Store + Send + Sync + 'static> IdempotencyLayer<S> {
+impl<S: Store + 'static> IdempotencyLayer<S> {
     /// A layer recording keys in `store` under `scope` (name the operation:
     /// `"orders.create"`), with every request from [`OneCaller`] until
     /// [`caller`](Self::caller) says otherwise, the default [`Policy`], keys required.
@@ -393,7 +393,7 @@ impl<S, Inner> fmt::Debug for Idempotency<S, Inner> {
 
 impl<S, Inner> tower::Service<Request> for Idempotency<S, Inner>
 where
-    S: Store + Send + Sync + 'static,
+    S: Store + 'static,
     Inner:
         tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     Inner::Future: Send,
@@ -437,7 +437,7 @@ async fn handle<S, Inner>(
     request: Request,
 ) -> Response
 where
-    S: Store + Send + Sync + 'static,
+    S: Store + 'static,
     Inner: tower::Service<Request, Response = Response, Error = Infallible> + Send,
     Inner::Future: Send,
 {
