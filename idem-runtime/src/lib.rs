@@ -68,6 +68,11 @@
 //! And without a strategy: `insert_once` reads a unique-key conflict as a duplicate, and
 //! `Upsert` inserts a row or updates the one its key holds and says which — see [`unique`].
 //!
+//! # HTTP
+//!
+//! With the feature `axum`, [`http::IdempotencyLayer`] makes an axum route idempotent by its
+//! `Idempotency-Key` header: retries get the stored response, concurrent copies a `409`.
+//!
 //! # Stores
 //!
 //! | store | feature | survives a restart | shared between processes |
