@@ -580,6 +580,50 @@ async fn ledger_stops_a_credit_idem_forgot<T: Streams, DB: PointsDb>(streams: T,
     assert_eq!(pending(&producer).await, vec![]);
 }
 
+/// With `max_deliveries`, an entry that keeps failing (here: in progress elsewhere for good)
+/// is dead-lettered once it has been delivered more often than that, and nothing is credited.
+async fn max_deliveries_dead_letters_an_entry_that_keeps_failing<T: Streams, DB: PointsDb>(
+    streams: T,
+    db: Db<DB>,
+) {
+    let producer = streams.open().await;
+    producer
+        .create_group(GROUP)
+        .await
+        .expect("create the group");
+    let paid = OrderPaid::new("A-1009", 13, 5_000);
+    let key = Points::<DB>::record_key(&paid.order_no).expect("a key");
+    let held = db
+        .points
+        .store()
+        .claim(&key, None, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    assert!(matches!(held, Claim::Acquired(_)), "{held:?}");
+    paid.publish(&producer).await.expect("publish");
+
+    let running = start(consumer(streams.open().await, &db, "points-1").max_deliveries(Some(2)));
+    wait_for(&running.counters, "dead-lettered", |t| t.dead_lettered == 1).await;
+    let tally = running.stop().await;
+    assert_eq!(
+        tally,
+        Tally {
+            delivered: 3,
+            credited: 0,
+            replayed: 0,
+            in_ledger: 0,
+            not_acked: 2,
+            dead_lettered: 1,
+        }
+    );
+    assert_eq!(db.points.balance(paid.user_id).await.expect("balance"), 0);
+    assert_eq!(
+        pending(&producer).await,
+        vec![],
+        "the dead letter was acknowledged"
+    );
+}
+
 /// Each scenario on each stream × database pair: `$streams` and `$db` give `None` (after
 /// saying so, or failing with `IDEM_REQUIRE_SERVERS=1`) when their server is not there.
 macro_rules! scenarios {
@@ -592,6 +636,7 @@ macro_rules! scenarios {
                 in_progress_is_not_acked_and_credited_later
                 unusable_entries_are_dead_lettered
                 ledger_stops_a_credit_idem_forgot
+                max_deliveries_dead_letters_an_entry_that_keeps_failing
             );
         }
     )*};
