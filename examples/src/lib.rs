@@ -4,6 +4,9 @@
 //!   (Redis Streams and consumer groups) and [`MemoryStream`](stream::MemoryStream) (the same
 //!   semantics in one process, so the demo runs without Redis).
 //! * [`events`] — the events on it: [`OrderPaid`](events::OrderPaid).
+//! * [`orders`] — the order service: an axum API whose `POST /orders` takes an
+//!   `Idempotency-Key`, whose pay and cancel are guarded transitions (`strategy = "state"`),
+//!   and whose `OrderPaid` events go through an outbox to the stream.
 //! * [`points`] — the points service: a consumer group member that credits the points of
 //!   each paid order exactly once, with `#[idempotent(strategy = "tx")]` on SQLite,
 //!   PostgreSQL or MySQL / MariaDB.
@@ -50,5 +53,6 @@
 //! ```
 
 pub mod events;
+pub mod orders;
 pub mod points;
 pub mod stream;
