@@ -7,7 +7,9 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use idem_examples::orders::{Moved, Order, OrderDb, OrderService};
+use idem_examples::orders::{Moved, Order, OrderDb, OrderService, relay};
+use idem_examples::points::{Consumer, GROUP, Points, PointsDb, Tables};
+use idem_examples::stream::{EventStream, MemoryStream, RedisStream};
 use idem_runtime::http::IDEMPOTENT_REPLAYED;
 use sqlx::{AssertSqlSafe, Pool};
 use tower::ServiceExt as _;
@@ -231,15 +233,141 @@ async fn order_flow_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn order_flow_on_postgres() {
-    if let Some(pool) = idem_tests::sql_servers::postgres_pool().await {
-        order_flow(pool).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn order_flow_on_mysql() {
     if let Some(pool) = idem_tests::sql_servers::mysql_pool().await {
         order_flow(pool).await;
     }
+}
+
+/// From the HTTP API to the points ledger: orders paid through the order service, their
+/// events relayed from the outbox (one of them twice, as a relay that died between the
+/// stream's append and marking it published would), consumed by two points consumers — each
+/// order credited once.
+async fn orders_to_points<DB, S>(pool: Pool<DB>, store: <DB as PointsDb>::Store, stream: S)
+where
+    DB: OrderDb + PointsDb,
+    S: EventStream + Clone + 'static,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    for table in ["orders", "payments", "outbox"] {
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}")))
+            .execute(&pool)
+            .await
+            .expect("drop an old table");
+    }
+    let service = OrderService::new(pool.clone()).await.expect("migrate");
+    let router = service.router().expect("a router");
+    let prefix = idem_tests::servers::unique_name("pts");
+    let points = Arc::new(Points::<DB>::with_tables(
+        store,
+        Tables::with_prefix(&prefix).expect("a prefix"),
+    ));
+    points.migrate().await.expect("migrate the points tables");
+    stream.create_group(GROUP).await.expect("a group");
+
+    // Three orders of one user, paid (one of them twice); a fourth cancelled.
+    let user = 4242;
+    let mut expected = 0;
+    for (n, amount) in [(1, 12_000), (2, 550), (3, 99)] {
+        let key = format!("{prefix}-{n}");
+        let order: Order = send(&router, create(Some(&key), user, amount)).await.json();
+        let pay = format!("/orders/{}/pay", order.order_no);
+        assert!(send(&router, post(&pay)).await.json::<Moved>().moved);
+        if n == 1 {
+            assert!(!send(&router, post(&pay)).await.json::<Moved>().moved);
+        }
+        expected += amount / 100;
+    }
+    let cancelled: Order = send(&router, create(Some(&format!("{prefix}-4")), user, 5000))
+        .await
+        .json();
+    send(
+        &router,
+        post(&format!("/orders/{}/cancel", cancelled.order_no)),
+    )
+    .await;
+
+    // The relay died after appending the first event: it is published again by the next pass.
+    let (_, first) = DB::unpublished(&pool, 1)
+        .await
+        .expect("the outbox")
+        .into_iter()
+        .next()
+        .expect("an event");
+    stream.append(&first).await.expect("the lost publish");
+    let relayed = relay(&pool, &stream).await.expect("relay");
+    assert_eq!(relayed.published, 3, "one event per payment");
+    assert_eq!(relay(&pool, &stream).await.expect("relay").published, 0);
+
+    // Two consumers share the group.
+    let consumers: Vec<_> = ["points-a", "points-b"]
+        .into_iter()
+        .map(|name| {
+            Consumer::new(stream.clone(), points.clone(), GROUP, name)
+                .block(std::time::Duration::from_millis(50))
+        })
+        .collect();
+    for _ in 0..4 {
+        for consumer in &consumers {
+            consumer.poll().await.expect("a poll");
+        }
+    }
+    let (mut credited, mut replayed) = (0, 0);
+    for consumer in &consumers {
+        let tally = consumer.counters().get();
+        credited += tally.credited;
+        replayed += tally.replayed;
+        assert_eq!(tally.not_acked, 0);
+    }
+    assert_eq!(
+        (credited, replayed),
+        (3, 1),
+        "4 entries: 3 credits, 1 duplicate absorbed"
+    );
+    assert_eq!(points.balance(user).await.expect("a balance"), expected);
+    assert_eq!(points.ledger(user).await.expect("the ledger").len(), 3);
+    for table in [points.tables().ledger(), points.tables().balances()] {
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE {table}")))
+            .execute(&pool)
+            .await
+            .expect("drop a points table");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orders_to_points_on_sqlite_and_memory_stream() {
+    let file = idem_tests::sqlite_file::TempDb::new("orders_to_points");
+    let store = <sqlx::Sqlite as PointsDb>::connect(&file.url())
+        .await
+        .expect("open SQLite");
+    let pool = <sqlx::Sqlite as PointsDb>::pool(&store).clone();
+    orders_to_points(pool, store, MemoryStream::new("orders.paid")).await;
+}
+
+/// On PostgreSQL both flows run in one test: the service's tables have fixed names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn order_flow_then_orders_to_points_on_postgres_and_redis() {
+    let Some(pool) = idem_tests::sql_servers::postgres_pool().await else {
+        return;
+    };
+    order_flow(pool.clone()).await;
+    let Some(connection) = idem_tests::redis_server::manager().await else {
+        return;
+    };
+    let key = idem_tests::servers::unique_name("orders_paid");
+    let stream = Arc::new(RedisStream::new(connection.clone(), &key));
+    let records = idem_tests::servers::unique_name("idem_pts");
+    let _drop = idem_tests::sql_servers::DropTable {
+        server: idem_tests::sql_servers::Server::Postgres,
+        table: records.clone(),
+    };
+    let store = idem_runtime::postgres::PostgresStore::new(pool.clone())
+        .with_table(&records)
+        .expect("a table name");
+    orders_to_points(pool, store, stream).await;
+    let mut connection = connection;
+    let _: Result<(), _> = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut connection)
+        .await;
 }

@@ -32,6 +32,7 @@ use idem_runtime::state::{StateMachine as _, Transitioned};
 use idem_runtime::{SqlDatabase, StateMachine, idempotent};
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, Pool};
+use tokio_util::sync::CancellationToken;
 
 use crate::events::OrderPaid;
 use crate::stream::EventStream;
@@ -520,24 +521,24 @@ pub async fn relay<DB: OrderDb, S: EventStream>(
     Ok(relayed)
 }
 
-/// Runs [`relay`] every `every` until `stop` is notified, logging failures and going on.
+/// Runs [`relay`] every `every` until `stop` is cancelled, logging failures and going on.
 pub async fn relay_until<DB: OrderDb, S: EventStream>(
     pool: &Pool<DB>,
     stream: &S,
     every: Duration,
-    stop: &tokio::sync::Notify,
+    stop: &CancellationToken,
 ) {
     loop {
         match relay(pool, stream).await {
             Ok(relayed) if relayed.published > 0 => {
-                tracing::debug!(published = relayed.published, "outbox relayed");
+                tracing::info!(published = relayed.published, "outbox relayed");
                 continue;
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "outbox relay failed; retrying"),
         }
         tokio::select! {
-            () = stop.notified() => return,
+            () = stop.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
     }
