@@ -13,7 +13,9 @@
 //!   assigns left to right (each assignment seeing the ones before it) or all at once from
 //!   the old row (MariaDB's `SIMULTANEOUS_ASSIGNMENT` mode). The statement reports its outcome
 //!   through `LAST_INSERT_ID(expr)`, which the server returns with the result: 1 for a new
-//!   record, the raised fence for a takeover, 0 when it changed nothing. Only then does a read
+//!   record, the raised fence for a takeover, 0 when it changed nothing (a fence below 0, which
+//!   only a hand-edited row holds, is raised to a value out of the column's range, so the
+//!   takeover fails as [`Error::Decode`] instead of reading as "changed nothing"). Only then does a read
 //!   follow, to report what holds the key. A new key or a takeover costs one round trip, a
 //!   duplicate two. A claim that meets a deadlock (InnoDB error 1213) is run again. (So the
 //!   claim sets the session's `LAST_INSERT_ID()`; that matters only for a claim in your own
@@ -79,7 +81,7 @@ impl Statements {
     (scope, business_key, completed, owner, fence, lease_until, expires_at, fingerprint, result)
 VALUES (?, ?, 0, ?, LAST_INSERT_ID(1), ?, ?, ?, NULL)
 ON DUPLICATE KEY UPDATE
-    fence = IF({TAKEOVER}, LAST_INSERT_ID(fence + 1), IF(LAST_INSERT_ID(0), fence, fence)),
+    fence = IF({TAKEOVER}, LAST_INSERT_ID(IF(fence >= 0, fence + 1, 18446744073709551615)), IF(LAST_INSERT_ID(0), fence, fence)),
     owner = IF({TAKEOVER}, VALUES(owner), owner),
     completed = IF({TAKEOVER}, 0, completed),
     lease_until = IF({TAKEOVER}, VALUES(lease_until), lease_until),
