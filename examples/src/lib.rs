@@ -52,6 +52,7 @@
 //! # }
 //! ```
 
+pub mod demo;
 pub mod events;
 pub mod orders;
 pub mod points;
