@@ -11,10 +11,16 @@
 //!   each paid order exactly once, with `#[idempotent(strategy = "tx")]` on SQLite,
 //!   PostgreSQL or MySQL / MariaDB.
 //!
-//! Binaries: `demo` (one process, SQLite, duplicates injected by hand) and `points-service`
-//! (one consumer of a Redis Stream, until Ctrl-C):
+//! * [`demo`] — both services end to end in one process, with the faults of real queues
+//!   injected, reconciled against the databases.
+//!
+//! Binaries: `demo` (the [`demo`], on an embedded SQLite file and in-process stream by
+//! default), `order-service` (the HTTP API and the outbox relay, until Ctrl-C) and
+//! `points-service` (one consumer of a Redis Stream, until Ctrl-C):
 //!
 //! ```text
+//! cargo run -p idem-examples --bin order-service -- \
+//!     --database-url postgres://postgres@127.0.0.1/test --redis-url redis://127.0.0.1:6379/
 //! cargo run -p idem-examples --bin points-service -- \
 //!     --database-url postgres://postgres@127.0.0.1/test --redis-url redis://127.0.0.1:6379/ \
 //!     --consumer points-1

@@ -101,6 +101,9 @@ pub enum OrderError {
     /// An event could not be encoded.
     #[error("event: {0}")]
     Event(#[from] serde_json::Error),
+    /// The event stream refused an event.
+    #[error("stream: {0}")]
+    Stream(#[from] crate::stream::StreamError),
 }
 
 impl IntoResponse for OrderError {
@@ -511,10 +514,7 @@ pub async fn relay<DB: OrderDb, S: EventStream>(
 ) -> Result<Relayed, OrderError> {
     let mut relayed = Relayed::default();
     for (id, payload) in DB::unpublished(pool, 100).await? {
-        stream
-            .append(&payload)
-            .await
-            .map_err(|error| OrderError::Invalid(format!("stream: {error}")))?;
+        stream.append(&payload).await?;
         DB::published(pool, id).await?;
         relayed.published += 1;
     }
