@@ -51,10 +51,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use idem_runtime::SqlDatabase;
 use idem_runtime::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 use serde::de::DeserializeOwned;
-use sqlx::{AssertSqlSafe, Pool};
+use sqlx::Pool;
 use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
@@ -62,7 +61,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 use crate::events::{ORDER_PAID_STREAM, OrderPaid};
-use crate::orders::{Moved, NewOrder, Order, OrderDb, OrderError, OrderService, relay};
+use crate::orders::{Moved, NewOrder, Order, OrderDb, OrderError, OrderService, relay, sql};
 use crate::points::{
     Consumer, Counters, GROUP, Handled, Outcome, Points, PointsDb, PointsError, Tally,
 };
@@ -1121,21 +1120,6 @@ const PLAN: [(&str, usize, i64, bool); 6] = [
 
 // ---------------------------------------------------------------------------------------------
 // Reading the databases back
-
-/// `statement` with its `?` placeholders written the way `DB` wants them.
-fn sql<DB: SqlDatabase>(statement: &str) -> AssertSqlSafe<String> {
-    let mut written = String::with_capacity(statement.len() + 8);
-    let mut n = 0;
-    for c in statement.chars() {
-        if c == '?' {
-            n += 1;
-            written.push_str(&DB::placeholder(n));
-        } else {
-            written.push(c);
-        }
-    }
-    AssertSqlSafe(written)
-}
 
 /// A database both services run on, and the queries that read their effects back.
 trait DemoDb: OrderDb + PointsDb {
@@ -2333,7 +2317,7 @@ mod tests {
             "INSERT INTO points_balances VALUES (4, 100)",
         ];
         for row in rows {
-            sqlx::raw_sql(AssertSqlSafe(row))
+            sqlx::raw_sql(sqlx::AssertSqlSafe(row))
                 .execute(&pool)
                 .await
                 .expect(row);

@@ -186,8 +186,8 @@ pub trait OrderDb: SqlDatabase {
     -> impl Future<Output = Result<(), OrderError>> + Send;
 }
 
-/// `statement` with its `?` placeholders written the way `DB` wants them.
-fn sql<DB: SqlDatabase>(statement: &str) -> AssertSqlSafe<String> {
+/// `statement` with its `?` placeholders written the way `DB` wants them (`$1` on PostgreSQL).
+pub fn sql<DB: SqlDatabase>(statement: &str) -> AssertSqlSafe<String> {
     let mut written = String::with_capacity(statement.len() + 8);
     let mut n = 0;
     for c in statement.chars() {

@@ -72,9 +72,6 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
     let inner = attrs
         .iter()
         .filter(|attr| matches!(attr.style, syn::AttrStyle::Inner(_)));
-    // The body's statements go straight into the async block: wrapping the block itself
-    // would leave a one-expression body such as `{ Ok(x) }` as a block in tail position,
-    // which `unused_braces` reports on the user's code.
     let stmts = &block.stmts;
     let krate = &plan.krate;
     let private = quote!(#krate::__private);
@@ -161,24 +158,7 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
     let anchor = local("anchor");
     let at_output = Span::call_site().located_at(output.span());
     let path = respan(quote!(#private::run), at_output);
-    let body_block = quote! {
-        async {
-            #[allow(
-                unknown_lints,
-                unreachable_code,
-                clippy::diverging_sub_expression,
-                clippy::empty_loop,
-                clippy::let_unit_value,
-                clippy::needless_return,
-                clippy::unreachable
-            )]
-            if false {
-                let #anchor: #output = loop {};
-                return #anchor;
-            }
-            #(#stmts)*
-        }
-    };
+    let body_block = anchored_body(&anchor, &quote!(#output), stmts);
     let call = match (plan.strategy, &plan.tx) {
         (Strategy::Tx, Some(tx)) => {
             let (lease, span, policy) = (local("lease"), local("span"), local("policy"));
@@ -279,6 +259,7 @@ fn generate_state(handler: &Handler, plan: &StatePlan) -> TokenStream {
     let check = quote_spanned!(from.span().join(to.span()).unwrap_or_else(|| from.span())=>
         const _: () = ::core::assert!(#machine::__idem_declared(#machine::#from, #machine::#to), #undeclared);
     );
+    let state_body = anchored_body(&anchor, &quote!(#private::StateBody<#output>), stmts);
     let begin = respan(quote!(#krate::state::transition_in), at_output);
     let end = respan(quote!(#private::state_end), at_output);
     quote! {
@@ -299,23 +280,7 @@ fn generate_state(handler: &Handler, plan: &StatePlan) -> TokenStream {
                     return ::core::result::Result::Err(::core::convert::From::from(#error));
                 }
             };
-            let #body = async {
-                #[allow(
-                    unknown_lints,
-                    unreachable_code,
-                    clippy::diverging_sub_expression,
-                    clippy::empty_loop,
-                    clippy::let_unit_value,
-                    clippy::needless_return,
-                    clippy::unreachable
-                )]
-                if false {
-                    let #anchor: #private::StateBody<#output> = loop {};
-                    return #anchor;
-                }
-                #(#stmts)*
-            }
-            .await;
+            let #body = #state_body.await;
             #end(#tx, #pending, #body).await
         }
     }
@@ -391,6 +356,7 @@ fn generate_version(handler: &Handler, plan: &VersionPlan) -> TokenStream {
     } else {
         quote!(#private::Stale::Duplicate)
     };
+    let version_body = anchored_body(&anchor, &quote!(#private::VersionBody<#output>), stmts);
     let begin = respan(quote!(#krate::version::update_in), at_output);
     let end = respan(quote!(#private::version_end), at_output);
     let expected_stmt = quote_spanned!(version.span()=>
@@ -413,24 +379,34 @@ fn generate_version(handler: &Handler, plan: &VersionPlan) -> TokenStream {
                     return ::core::result::Result::Err(::core::convert::From::from(#error));
                 }
             };
-            let #body = async {
-                #[allow(
-                    unknown_lints,
-                    unreachable_code,
-                    clippy::diverging_sub_expression,
-                    clippy::empty_loop,
-                    clippy::let_unit_value,
-                    clippy::needless_return,
-                    clippy::unreachable
-                )]
-                if false {
-                    let #anchor: #private::VersionBody<#output> = loop {};
-                    return #anchor;
-                }
-                #(#stmts)*
-            }
-            .await;
+            let #body = #version_body.await;
             #end(#tx, #pending, #body).await
+        }
+    }
+}
+
+/// The body's statements in an `async` block whose type is pinned to `Result` type `output` by a
+/// dead `return` of it first: a `?` or `Ok(..)` in the body is then checked against the
+/// handler's types, with errors at the user's code. The statements go straight into the
+/// block: wrapping the block itself would leave a one-expression body such as `{ Ok(x) }` as
+/// a block in tail position, which `unused_braces` reports on the user's code.
+fn anchored_body(anchor: &Ident, output: &TokenStream, stmts: &[syn::Stmt]) -> TokenStream {
+    quote! {
+        async {
+            #[allow(
+                unknown_lints,
+                unreachable_code,
+                clippy::diverging_sub_expression,
+                clippy::empty_loop,
+                clippy::let_unit_value,
+                clippy::needless_return,
+                clippy::unreachable
+            )]
+            if false {
+                let #anchor: #output = loop {};
+                return #anchor;
+            }
+            #(#stmts)*
         }
     }
 }

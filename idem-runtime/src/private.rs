@@ -281,7 +281,7 @@ mod state {
     use super::HandlerResult;
     use crate::Error;
     use crate::sql::Backend;
-    use crate::state::{Guard, Pending, Transitioned, finish_in};
+    use crate::state::{Guard, Pending, Transitioned};
 
     /// The guard of the names the attribute checked.
     pub const fn state_guard(table: &'static str, id: &'static str, state: &'static str) -> Guard {
@@ -319,12 +319,9 @@ mod state {
         E: From<Error>,
         for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     {
-        let kept = finish_in(tx, pending, body.is_ok()).await;
-        match (body, kept) {
-            (Ok(value), Ok(())) => Ok(Transitioned::Applied(value)),
-            (Err(error), Ok(())) => Err(error),
-            (_, Err(undo)) => Err(E::from(undo)),
-        }
+        crate::tx::keep_or_undo(tx, pending, body)
+            .await
+            .map(Transitioned::Applied)
     }
 }
 
@@ -343,7 +340,7 @@ mod version {
     use super::HandlerResult;
     use crate::Error;
     use crate::sql::Backend;
-    use crate::version::{Pending, Update, Versioned, finish_in};
+    use crate::version::{Pending, Update, Versioned};
 
     /// The update of the names the attribute checked.
     pub fn version_update<DB: Backend>(
@@ -419,11 +416,8 @@ mod version {
         E: From<Error>,
         for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     {
-        let kept = finish_in(tx, pending, body.is_ok()).await;
-        match (body, kept) {
-            (Ok(value), Ok(())) => Ok(Versioned::Applied(value)),
-            (Err(error), Ok(())) => Err(error),
-            (_, Err(undo)) => Err(E::from(undo)),
-        }
+        crate::tx::keep_or_undo(tx, pending, body)
+            .await
+            .map(Versioned::Applied)
     }
 }

@@ -213,3 +213,23 @@ where
         crate::sql::abandon::<DB>(&mut **tx, &pending.savepoint).await
     }
 }
+
+/// Ends [`Pending`] work with the body's outcome: the body's value when both are kept, its
+/// error when both are rolled back, or the error of a rollback that failed.
+pub(crate) async fn keep_or_undo<DB, T, E>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    pending: Pending,
+    body: Result<T, E>,
+) -> Result<T, E>
+where
+    DB: crate::sql::Backend,
+    E: From<Error>,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    let kept = finish_in(tx, pending, body.is_ok()).await;
+    match (body, kept) {
+        (Ok(value), Ok(())) => Ok(value),
+        (Err(error), Ok(())) => Err(error),
+        (_, Err(undo)) => Err(E::from(undo)),
+    }
+}
