@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use idem_runtime::{Claim, Error, Fingerprint, Lease, RecordKey, Store, StoreError, idempotent};
 use idem_tests::{AppError, OrderPaid, Receipt, Runs, credit_points};
 use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
 
 const START: i64 = 1_700_000_000_000;
 
@@ -501,10 +502,11 @@ async fn waiting_duplicate_gets_the_first_result<S: Store + 'static>(
 async fn long_with_heartbeat<S: Store>(
     store: &S,
     runs: &Runs,
+    gate: &CancellationToken,
     msg: OrderPaid,
 ) -> Result<usize, AppError> {
     let run = runs.record();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    gate.cancelled().await;
     let _ = msg;
     Ok(run)
 }
@@ -513,48 +515,87 @@ async fn long_with_heartbeat<S: Store>(
 async fn long_without_heartbeat<S: Store>(
     store: &S,
     runs: &Runs,
+    gate: &CancellationToken,
     msg: OrderPaid,
 ) -> Result<usize, AppError> {
     let run = runs.record();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    gate.cancelled().await;
     let _ = msg;
     Ok(run)
 }
 
+/// Waits, at most ten seconds, until `ready` holds.
+async fn eventually(what: &str, ready: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !ready() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A gate that is already open: a duplicate that wrongly runs its body does not hang.
+fn open_gate() -> CancellationToken {
+    let open = CancellationToken::new();
+    open.cancel();
+    open
+}
+
 /// A body that outlives its lease keeps the key with `heartbeat = true`; without it, a
-/// duplicate takes over (real clock, 1 s lease, 2.5 s body).
+/// duplicate takes over (real clock, 1 s lease; the bodies are held open by a gate until the
+/// duplicates have been answered, so a slow machine cannot let them finish first).
 async fn heartbeat_keeps_a_long_body_from_being_taken_over<S: Store + 'static>(store: S) {
     let store = Arc::new(store);
     let runs = Arc::new(Runs::default());
+    let gate = CancellationToken::new();
     let held = {
-        let (store, runs) = (store.clone(), runs.clone());
-        tokio::spawn(
-            async move { long_with_heartbeat(&*store, &runs, OrderPaid::new("L-1", 1)).await },
-        )
-    };
-    let dropped = {
-        let (store, runs) = (store.clone(), runs.clone());
+        let (store, runs, gate) = (store.clone(), runs.clone(), gate.clone());
         tokio::spawn(async move {
-            long_without_heartbeat(&*store, &runs, OrderPaid::new("L-2", 1)).await
+            long_with_heartbeat(&*store, &runs, &gate, OrderPaid::new("L-1", 1)).await
         })
     };
+    let dropped = {
+        let (store, runs, gate) = (store.clone(), runs.clone(), gate.clone());
+        tokio::spawn(async move {
+            long_without_heartbeat(&*store, &runs, &gate, OrderPaid::new("L-2", 1)).await
+        })
+    };
+    eventually("both bodies started", || runs.count() == 2).await;
+    // Well past the 1 s lease: only the heartbeat can still hold a key.
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    let during = long_with_heartbeat(&*store, &runs, OrderPaid::new("L-1", 1)).await;
+    let open = open_gate();
+    let during = within(long_with_heartbeat(
+        &*store,
+        &runs,
+        &open,
+        OrderPaid::new("L-1", 1),
+    ))
+    .await;
     assert!(
         matches!(during, Err(AppError::Idem(Error::InProgress { .. }))),
         "{during:?}"
     );
-    let taken_over = long_without_heartbeat(&*store, &runs, OrderPaid::new("L-2", 1)).await;
+    let taken_over = within(long_without_heartbeat(
+        &*store,
+        &runs,
+        &open,
+        OrderPaid::new("L-2", 1),
+    ))
+    .await;
     assert!(
         taken_over.is_ok(),
         "without heartbeat the lease ran out: {taken_over:?}"
     );
-    assert!(held.await.expect("task").is_ok());
-    let stale = dropped.await.expect("task");
+    gate.cancel();
+    assert!(within(held).await.expect("task").is_ok());
+    let stale = within(dropped).await.expect("task");
     assert!(
         matches!(stale, Err(AppError::Idem(Error::LeaseLost { .. }))),
         "{stale:?}"
     );
+    assert_eq!(runs.count(), 3, "the held body once, the dropped one twice");
 }
 
 /// A real store with faults injected: the claim fails while `store_down` is set, and the
@@ -648,34 +689,47 @@ async fn unreachable_store_runs_nothing<S: Store>(store: S, _clock: ManualClock)
     assert_eq!(back.run, 1);
 }
 
-#[idempotent(key = "order_no", store = store, scope = "tests.beat", lease = "300ms", heartbeat = true)]
-async fn beating<S: Store>(store: &S, runs: &Runs, msg: OrderPaid) -> Result<usize, AppError> {
+#[idempotent(key = "order_no", store = store, scope = "tests.beat", lease = "600ms", heartbeat = true)]
+async fn beating<S: Store>(
+    store: &S,
+    runs: &Runs,
+    gate: &CancellationToken,
+    msg: OrderPaid,
+) -> Result<usize, AppError> {
     let run = runs.record();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    gate.cancelled().await;
     let _ = msg;
     Ok(run)
 }
 
-/// A heartbeat that hits store errors keeps beating: a hiccup does not hand a live body's key
-/// to a duplicate (real clock: 300 ms lease, 1 s body, the first 2 extends fail).
+/// A heartbeat that hits a store error keeps beating: a hiccup does not hand a live body's
+/// key to a duplicate (real clock: 600 ms lease, a beat every 200 ms, the first extend fails;
+/// the body is held open by a gate until the duplicate has been answered).
 async fn heartbeat_retries_after_store_errors<S: Store + 'static>(store: S) {
     let store = Arc::new(Faulty::new(store));
-    store.failing_extends.store(2, Ordering::SeqCst);
+    store.failing_extends.store(1, Ordering::SeqCst);
     let runs = Arc::new(Runs::default());
+    let gate = CancellationToken::new();
     let held = {
-        let (store, runs) = (store.clone(), runs.clone());
-        tokio::spawn(async move { beating(&*store, &runs, OrderPaid::new("HB-1", 1)).await })
+        let (store, runs, gate) = (store.clone(), runs.clone(), gate.clone());
+        tokio::spawn(async move { beating(&*store, &runs, &gate, OrderPaid::new("HB-1", 1)).await })
     };
-    // The two failed beats (at 100 ms and 200 ms) are followed by good ones before the lease
-    // set at 0 ms runs out at 300 ms; after that, every beat moves it on.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let during = beating(&*store, &runs, OrderPaid::new("HB-1", 1)).await;
+    // The failed beat is followed by good ones before the first lease runs out; after five
+    // beats the lease has been moved on well past where it started.
+    eventually("five beats", || store.extends.load(Ordering::SeqCst) >= 5).await;
+    let during = within(beating(
+        &*store,
+        &runs,
+        &open_gate(),
+        OrderPaid::new("HB-1", 1),
+    ))
+    .await;
     assert!(
         matches!(during, Err(AppError::Idem(Error::InProgress { .. }))),
         "the heartbeat stopped after a store error: {during:?}"
     );
-    assert_eq!(held.await.expect("task").expect("held"), 1);
-    assert!(store.extends.load(Ordering::SeqCst) > 3);
+    gate.cancel();
+    assert_eq!(within(held).await.expect("task").expect("held"), 1);
     assert_eq!(runs.count(), 1);
 }
 
