@@ -58,6 +58,7 @@
 //! # }
 //! ```
 
+pub mod chaos;
 pub mod demo;
 pub mod events;
 pub mod orders;

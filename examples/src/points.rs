@@ -268,6 +268,7 @@ pub struct Points<DB: PointsDb> {
     tables: Tables,
     statements: Statements,
     stall: Mutex<Option<(String, Arc<Notify>)>>,
+    pause: Option<Pause>,
 }
 
 impl<DB: PointsDb> fmt::Debug for Points<DB> {
@@ -292,7 +293,25 @@ impl<DB: PointsDb> Points<DB> {
             store,
             tables,
             stall: Mutex::new(None),
+            pause: None,
         }
+    }
+
+    /// Fault injection, for the chaos run: every credit calls `reached` with the order number
+    /// inside its transaction, after writing its ledger row and balance and before idem
+    /// records it, then waits `pause` — a window in which a killed process leaves an
+    /// uncommitted credit behind.
+    #[must_use]
+    pub fn pause_each_credit(
+        mut self,
+        pause: Duration,
+        reached: impl Fn(&str) + Send + Sync + 'static,
+    ) -> Self {
+        self.pause = Some(Pause {
+            pause,
+            reached: Box::new(reached),
+        });
+        self
     }
 
     /// Opens the database at `url` (`sqlite://points.db`, `postgres://…`, `mysql://…`) with
@@ -413,6 +432,10 @@ impl<DB: PointsDb> Points<DB> {
         }
         DB::add_to_balance(tx, &self.statements, event.user_id, points).await?;
         self.stall_if_asked(&event.order_no).await;
+        if let Some(pause) = &self.pause {
+            (pause.reached)(&event.order_no);
+            tokio::time::sleep(pause.pause).await;
+        }
         body.set(Ran::Credited);
         Ok(credit)
     }
@@ -461,6 +484,12 @@ impl<DB: PointsDb> Points<DB> {
         reached.notify_one();
         std::future::pending::<()>().await;
     }
+}
+
+/// A pause inside every credit: see [`Points::pause_each_credit`].
+struct Pause {
+    pause: Duration,
+    reached: Box<dyn Fn(&str) + Send + Sync>,
 }
 
 /// The points `event` earns, once it is checked to be creditable.
