@@ -102,9 +102,9 @@ fn parse() -> Result<Args, String> {
             }
             "--deliveries" => config.deliveries = number()?,
             "--duplicates" => {
-                config.duplicates = value
-                    .parse()
-                    .map_err(|_| format!("--duplicates takes a share such as 0.35, not `{value}`"))?;
+                config.duplicates = value.parse().map_err(|_| {
+                    format!("--duplicates takes a share such as 0.35, not `{value}`")
+                })?;
             }
             "--consumers" => config.consumers = number()?,
             "--kills" => config.kills = number()?,
@@ -209,4 +209,3 @@ async fn main() -> ExitCode {
         },
     }
 }
-

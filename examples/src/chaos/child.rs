@@ -144,7 +144,9 @@ impl<DB: ChaosDb> Consumer<'_, DB> {
             },
             Kind::Version => DB::apply_version(&self.pool, &task, self.config.pause).await,
             Kind::State => DB::apply_state(&self.pool, &task, self.config.pause).await,
-            Kind::Claim => DB::apply_claim(&self.claims, &self.pool, &task, self.config.pause).await,
+            Kind::Claim => {
+                DB::apply_claim(&self.claims, &self.pool, &task, self.config.pause).await
+            }
         };
         match outcome {
             Ok(Done::Applied) => {

@@ -285,9 +285,8 @@ macro_rules! chaos_db {
             ) -> Result<(), ChaosError> {
                 for batch in accounts.chunks(SEED_BATCH) {
                     let rows = vec!["(?, 0, 0)"; batch.len()].join(", ");
-                    let statement = format!(
-                        "INSERT INTO chaos_accounts (id, amount, version) VALUES {rows}"
-                    );
+                    let statement =
+                        format!("INSERT INTO chaos_accounts (id, amount, version) VALUES {rows}");
                     let mut query = sqlx::query(sql::<$db>(&statement));
                     for id in batch {
                         query = query.bind(id);
@@ -314,12 +313,12 @@ macro_rules! chaos_db {
                 /// `UPDATE chaos_accounts SET amount = amount + ?, version = version + 1
                 /// WHERE id = ? AND version = ?`, then the effect row.
                 #[idempotent(
-                    key = "id",
-                    strategy = "version",
-                    table = "chaos_accounts",
-                    set(amount += msg.amount),
-                    tx = tx,
-                )]
+                            key = "id",
+                            strategy = "version",
+                            table = "chaos_accounts",
+                            set(amount += msg.amount),
+                            tx = tx,
+                        )]
                 async fn credited(
                     tx: &mut sqlx::Transaction<'_, $db>,
                     task: &Task,
@@ -355,14 +354,14 @@ macro_rules! chaos_db {
                 /// `UPDATE chaos_orders SET status = 'Paid' WHERE id = ? AND status =
                 /// 'Created'`, then the effect row.
                 #[idempotent(
-                    strategy = "state",
-                    machine = ChaosOrder,
-                    from = Created,
-                    to = Paid,
-                    table = "chaos_orders",
-                    id = id,
-                    tx = tx,
-                )]
+                            strategy = "state",
+                            machine = ChaosOrder,
+                            from = Created,
+                            to = Paid,
+                            table = "chaos_orders",
+                            id = id,
+                            tx = tx,
+                        )]
                 async fn paid(
                     tx: &mut sqlx::Transaction<'_, $db>,
                     task: &Task,
@@ -448,10 +447,11 @@ macro_rules! chaos_db {
                 for (order_no, user, points) in ledger {
                     holdings.ledger.insert(order_no, (user, points));
                 }
-                let balances: Vec<(i64, i64)> =
-                    sqlx::query_as(sql::<$db>("SELECT user_id, points FROM chaos_points_balances"))
-                        .fetch_all(pool)
-                        .await?;
+                let balances: Vec<(i64, i64)> = sqlx::query_as(sql::<$db>(
+                    "SELECT user_id, points FROM chaos_points_balances",
+                ))
+                .fetch_all(pool)
+                .await?;
                 holdings.balances.extend(balances);
                 Ok(holdings)
             }
@@ -478,7 +478,8 @@ chaos_db!(
 ///
 /// When Redis cannot be reached or `prefix` is not plain.
 pub async fn claim_store(url: &str, prefix: &str) -> Result<ClaimStore, ChaosError> {
-    let client = redis::Client::open(url).map_err(|error| Error::Store(StoreError::new("redis", error)))?;
+    let client =
+        redis::Client::open(url).map_err(|error| Error::Store(StoreError::new("redis", error)))?;
     let connection = ConnectionManager::new(client)
         .await
         .map_err(|error| Error::Store(StoreError::new("redis", error)))?;
