@@ -55,8 +55,26 @@ const LEASE: Duration = Duration::from_secs(30);
 /// How many times a delivery is retried after the store came back before the test gives up.
 const RECOVERY_ATTEMPTS: usize = 100;
 
-/// Connections of the pools behind the proxy.
-const POOL_SIZE: u32 = 16;
+/// The pools behind the proxy (the Redis store has one multiplexed connection).
+#[derive(Clone, Copy)]
+struct PoolSize {
+    size: u32,
+    acquire_timeout: Duration,
+}
+
+/// The pools of most tests: a stall fails within [`CLIENT_TIMEOUT`].
+const POOL: PoolSize = PoolSize {
+    size: 16,
+    acquire_timeout: CLIENT_TIMEOUT,
+};
+
+/// The pools of the batch tests, which cut rather than stall: a connection per delivery of
+/// the batch, and time to open them all on a loaded machine, so that no delivery fails
+/// before the cut.
+const BATCH_POOL: PoolSize = PoolSize {
+    size: 32,
+    acquire_timeout: Duration::from_secs(30),
+};
 
 /// Awaits a call that must return.
 async fn guarded<F: Future>(what: &str, call: F) -> F::Output {
@@ -219,14 +237,31 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Credited, AppError>>,
 {
+    until_delivered(what, || {
+        let call = deliver();
+        async move { outcome(call.await) }
+    })
+    .await
+}
+
+/// [`until_acked`] for a delivery that gives its [`Outcome`].
+async fn until_delivered<F, Fut>(what: &str, mut deliver: F) -> (Credited, usize)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Outcome>,
+{
+    let mut last = String::new();
     for attempt in 1..=RECOVERY_ATTEMPTS {
-        match outcome(guarded(what, deliver()).await) {
+        match guarded(what, deliver()).await {
             Outcome::Acked(credited) => return (credited, attempt),
-            Outcome::Store(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Outcome::Store(error) => {
+                last = error;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             Outcome::InProgress => panic!("{what}: in progress, but no call holds the key"),
         }
     }
-    panic!("{what}: the store did not come back within {RECOVERY_ATTEMPTS} attempts");
+    panic!("{what}: the store did not come back within {RECOVERY_ATTEMPTS} attempts: {last}");
 }
 
 /// Reads the store's records straight from the server, past the proxy.
@@ -265,10 +300,53 @@ impl SqlInspect {
         done.unwrap_or_else(|error| panic!("{statement}: {error}"));
     }
 
+    /// A pool of the server itself and the table to count.
+    fn from_pool<P: IntoSqlInspect>(pool: P, table: &str) -> Self {
+        pool.inspect(table.to_owned())
+    }
+
+    /// How many rows of the table `payments` are for `order_no`.
+    async fn payments_of(&self, payments: &str, order_no: &str) -> i64 {
+        let counted = match self {
+            SqlInspect::Postgres(pool, _) => {
+                let statement = format!("SELECT COUNT(*) FROM {payments} WHERE order_no = $1");
+                sqlx::query_scalar(sqlx::AssertSqlSafe(statement))
+                    .bind(order_no)
+                    .fetch_one(pool)
+                    .await
+            }
+            SqlInspect::Mysql(pool, _) => {
+                let statement = format!("SELECT COUNT(*) FROM {payments} WHERE order_no = ?");
+                sqlx::query_scalar(sqlx::AssertSqlSafe(statement))
+                    .bind(order_no)
+                    .fetch_one(pool)
+                    .await
+            }
+        };
+        counted.unwrap_or_else(|error| panic!("count the payments of {order_no}: {error}"))
+    }
+
     fn table(&self) -> &str {
         match self {
             SqlInspect::Postgres(_, table) | SqlInspect::Mysql(_, table) => table,
         }
+    }
+}
+
+/// The pools a [`SqlInspect`] reads through.
+trait IntoSqlInspect {
+    fn inspect(self, table: String) -> SqlInspect;
+}
+
+impl IntoSqlInspect for sqlx::PgPool {
+    fn inspect(self, table: String) -> SqlInspect {
+        SqlInspect::Postgres(self, table)
+    }
+}
+
+impl IntoSqlInspect for sqlx::MySqlPool {
+    fn inspect(self, table: String) -> SqlInspect {
+        SqlInspect::Mysql(self, table)
     }
 }
 
@@ -336,12 +414,12 @@ mod rigs {
     use super::*;
 
     /// PostgreSQL behind a proxy, or `None` (having said so) without the server.
-    pub async fn postgres() -> Option<Rig<PostgresStore>> {
+    pub async fn postgres(pool: PoolSize) -> Option<Rig<PostgresStore>> {
         let direct = sql_servers::postgres_pool().await?;
         let (proxy, url) = proxy_for(&sql_servers::postgres_url(), 5432).await;
         let pool = PgPoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .acquire_timeout(CLIENT_TIMEOUT)
+            .max_connections(pool.size)
+            .acquire_timeout(pool.acquire_timeout)
             .connect(&url)
             .await
             .expect("a pool through the proxy");
@@ -358,12 +436,12 @@ mod rigs {
     }
 
     /// MariaDB behind a proxy, or `None` (having said so) without the server.
-    pub async fn mysql() -> Option<Rig<MySqlStore>> {
+    pub async fn mysql(pool: PoolSize) -> Option<Rig<MySqlStore>> {
         let direct = sql_servers::mysql_pool().await?;
         let (proxy, url) = proxy_for(&sql_servers::mysql_url(), 3306).await;
         let pool = MySqlPoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .acquire_timeout(CLIENT_TIMEOUT)
+            .max_connections(pool.size)
+            .acquire_timeout(pool.acquire_timeout)
             .connect(&url)
             .await
             .expect("a pool through the proxy");
@@ -380,7 +458,7 @@ mod rigs {
     }
 
     /// Redis behind a proxy, or `None` (having said so) without the server.
-    pub async fn redis() -> Option<Rig<RedisStore<ConnectionManager>>> {
+    pub async fn redis(_one_connection: PoolSize) -> Option<Rig<RedisStore<ConnectionManager>>> {
         let direct = redis_server::multiplexed().await?;
         let (proxy, url) = proxy_for(&redis_server::url(), 6379).await;
         let client = ::redis::Client::open(url.as_str()).expect("a client through the proxy");
@@ -555,25 +633,29 @@ struct Batch {
 }
 
 const KEYS: usize = 8;
+/// How often the claim batch delivers each message at once.
 const COPIES: usize = 4;
 
 fn batch_key(k: usize) -> String {
     format!("batch-{k}")
 }
 
-/// `KEYS` messages, each delivered `COPIES` times at once. The bodies of the even keys
-/// finish; those of the odd keys are held open after their effect. When every even key is
-/// acked and every odd key's body is running, the store is cut and the held bodies are let
-/// go: their completion cannot reach the store. While it is cut, every unacked message is
-/// redelivered (nothing runs); then it is restored, and the unacked messages are redelivered,
-/// round after round, until every one is acked — as a queue redelivers what was not acked.
-/// When a round ends with keys in progress and nothing else to wait for, the lease is let run
-/// out (the clock moves on), as a broker's redelivery delay would.
+/// `KEYS` messages, each delivered `copies` times at once. The bodies of the even keys
+/// finish; those of the odd keys are held open after their effect. When every delivery has
+/// returned but the `outstanding` ones of each odd key (its held body, and with `tx` the
+/// duplicates waiting on its row lock) and every odd key's body is running, the store is cut
+/// and the held bodies are let go: their completion cannot reach the store. While it is cut,
+/// every unacked message is redelivered (nothing runs); then it is restored, and the unacked
+/// messages are redelivered, round after round, until every one is acked — as a queue
+/// redelivers what was not acked. When a round moves nothing and ends with keys in progress,
+/// the lease is let run out (the clock moves on), as a broker's redelivery delay would.
 async fn cut_a_batch(
     proxy: &FaultProxy,
     clock: &ManualClock,
     ledger: &Arc<Ledger>,
     deliver: Deliver,
+    copies: usize,
+    outstanding: usize,
 ) -> Batch {
     for k in (1..KEYS).step_by(2) {
         ledger.hold(&batch_key(k));
@@ -582,7 +664,7 @@ async fn cut_a_batch(
     let ids = std::sync::atomic::AtomicUsize::new(1000);
     let next_id = || ids.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mut pending: Vec<(usize, OrderPaid)> = Vec::new();
-    for _copy in 0..COPIES {
+    for _copy in 0..copies {
         for k in 0..KEYS {
             pending.push((next_id(), OrderPaid::new(&batch_key(k), 100 + k as u64)));
         }
@@ -596,36 +678,41 @@ async fn cut_a_batch(
         let (deliver, sender, start) = (deliver.clone(), sender.clone(), start.clone());
         tokio::spawn(async move {
             start.wait().await;
-            let key = msg.order_no.clone();
             // The receiver outlives every delivery.
-            let _ = sender.send((delivery, key, deliver(delivery, msg).await));
+            let _ = sender.send((delivery, deliver(delivery, msg).await));
         });
     }
     drop(sender);
     let mut first: BTreeMap<usize, Outcome> = BTreeMap::new();
-    let even_acked = |first: &BTreeMap<usize, Outcome>, pending: &[(usize, OrderPaid)]| {
-        (0..KEYS).step_by(2).all(|k| {
-            pending.iter().any(|(delivery, msg)| {
-                msg.order_no == batch_key(k)
-                    && matches!(first.get(delivery), Some(Outcome::Acked(_)))
-            })
-        })
-    };
+    let returning = pending.len() - KEYS / 2 * outstanding;
     let odd_running = || {
         (1..KEYS)
             .step_by(2)
             .all(|k| ledger.runs_of(&batch_key(k)) == 1)
     };
-    guarded("the even keys acked and the odd bodies running", async {
-        while !(even_acked(&first, &pending) && odd_running()) {
-            let (delivery, _, outcome) = results
-                .recv()
-                .await
-                .expect("a delivery ended without a result");
-            first.insert(delivery, outcome);
+    guarded("the deliveries that do not wait for a held body", async {
+        while first.len() < returning || !odd_running() {
+            tokio::select! {
+                result = results.recv() => {
+                    let (delivery, outcome) = result.expect("a delivery ended without a result");
+                    first.insert(delivery, outcome);
+                }
+                // The bodies start on their own time: look again.
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
         }
     })
     .await;
+    for k in (0..KEYS).step_by(2) {
+        assert!(
+            pending
+                .iter()
+                .any(|(delivery, msg)| msg.order_no == batch_key(k)
+                    && matches!(first.get(delivery), Some(Outcome::Acked(_)))),
+            "{} was not acked before the cut: {first:?}",
+            batch_key(k)
+        );
+    }
     // The store goes down with the odd bodies running: their effect happened, their
     // completion will not reach the store.
     let held: BTreeSet<usize> = ledger
@@ -646,7 +733,7 @@ async fn cut_a_batch(
     proxy.cut();
     ledger.gate.cancel();
     guarded("the rest of the first deliveries", async {
-        while let Some((delivery, _, outcome)) = results.recv().await {
+        while let Some((delivery, outcome)) = results.recv().await {
             first.insert(delivery, outcome);
         }
     })
@@ -811,7 +898,7 @@ async fn claim_batch_cut_mid_run<S: Store + 'static>(rig: Rig<S>) {
             Box::pin(async move { outcome(credit(&*store, &ledger, delivery, msg).await) })
         })
     };
-    let batch = cut_a_batch(&proxy, &clock, &ledger, deliver).await;
+    let batch = cut_a_batch(&proxy, &clock, &ledger, deliver, COPIES, 1).await;
     let producers = one_result_per_key(&batch);
     for k in 0..KEYS {
         let key = batch_key(k);
@@ -969,28 +1056,28 @@ macro_rules! claim_outages {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn cut_fails_closed_then_recovers() {
-                if let Some(rig) = rigs::$backend().await {
+                if let Some(rig) = rigs::$backend(POOL).await {
                     super::cut_fails_closed_then_recovers(rig).await;
                 }
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn stall_fails_closed_in_bounded_time_then_recovers() {
-                if let Some(rig) = rigs::$backend().await {
+                if let Some(rig) = rigs::$backend(POOL).await {
                     super::stall_fails_closed_in_bounded_time_then_recovers(rig).await;
                 }
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn claim_batch_cut_mid_run() {
-                if let Some(rig) = rigs::$backend().await {
+                if let Some(rig) = rigs::$backend(BATCH_POOL).await {
                     super::claim_batch_cut_mid_run(rig).await;
                 }
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn fail_open_runs_the_body_during_an_outage() {
-                if let Some(rig) = rigs::$backend().await {
+                if let Some(rig) = rigs::$backend(POOL).await {
                     super::fail_open_runs_the_body_during_an_outage(rig).await;
                 }
             }
@@ -999,6 +1086,252 @@ macro_rules! claim_outages {
 }
 
 claim_outages!(postgres, mysql, redis);
+
+/// The `tx` strategy: the payment row and the record in one transaction of the database the
+/// store is in. `$backend` names the rig, `$scratch` the scratch-table helper of
+/// `idem_tests::sql_servers`, `$insert` the insert with that database's placeholders.
+macro_rules! tx_outages {
+    ($module:ident, $backend:ident, $store:ty, $db:ty, $scratch:ident, $insert:literal) => {
+        mod $module {
+            use idem_runtime::StoreError;
+            use idem_tests::sql_servers::{self, Scratch};
+            use sqlx::Transaction;
+
+            use super::*;
+
+            type Db = $db;
+
+            /// Records the payment in the transaction; held after the write when asked.
+            #[idempotent(key = "order_no", store = store, strategy = "tx", tx = tx, scope = "outage.pay")]
+            async fn pay(
+                store: &$store,
+                tx: &mut Transaction<'_, Db>,
+                ledger: &Ledger,
+                insert: &str,
+                delivery: usize,
+                msg: OrderPaid,
+            ) -> Result<Credited, AppError> {
+                let id = i64::try_from(delivery).map_err(|_| AppError::Business("id".into()))?;
+                sqlx::query(sqlx::AssertSqlSafe(insert.to_owned()))
+                    .bind(msg.order_no.as_str())
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(|error| AppError::Idem(Error::Store(StoreError::new("payments", error))))?;
+                ledger.ran(delivery, &msg.order_no);
+                ledger.held_if_asked(&msg.order_no).await;
+                Ok(Credited {
+                    points: msg.amount / 10,
+                    by_delivery: delivery,
+                })
+            }
+
+            /// A store behind the proxy, and a payments table reached directly.
+            struct Bank {
+                rig: Rig<$store>,
+                payments: String,
+                insert: String,
+                direct: SqlInspect,
+                _drop: Scratch,
+            }
+
+            async fn bank(pool: PoolSize) -> Option<Arc<Bank>> {
+                let rig = rigs::$backend(pool).await?;
+                let payments = idem_tests::servers::unique_name("payments");
+                let (direct, drop) = sql_servers::$scratch(&payments).await?;
+                let direct = SqlInspect::from_pool(direct, &payments);
+                direct
+                    .execute(format!(
+                        "CREATE TABLE {payments} (order_no VARCHAR(64) NOT NULL, delivery BIGINT NOT NULL)"
+                    ))
+                    .await;
+                Some(Arc::new(Bank {
+                    rig,
+                    insert: format!($insert, payments = payments),
+                    payments,
+                    direct,
+                    _drop: drop,
+                }))
+            }
+
+            impl Bank {
+                /// One delivery as a consumer runs it: begin, the handler, commit (or roll
+                /// back).
+                async fn deliver(&self, ledger: &Ledger, delivery: usize, msg: OrderPaid) -> Outcome {
+                    let store = &self.rig.store.store;
+                    let mut tx = match store.pool().begin().await {
+                        Ok(tx) => tx,
+                        Err(error) => return Outcome::Store(format!("begin: {error}")),
+                    };
+                    match pay(store, &mut tx, ledger, &self.insert, delivery, msg).await {
+                        Ok(credited) => match tx.commit().await {
+                            Ok(()) => Outcome::Acked(credited),
+                            Err(error) => Outcome::Store(format!("commit: {error}")),
+                        },
+                        Err(error) => {
+                            // The connection may be gone; the server rolls back then.
+                            let _ = tx.rollback().await;
+                            outcome(Err(error))
+                        }
+                    }
+                }
+
+                async fn payments_of(&self, order_no: &str) -> i64 {
+                    self.direct.payments_of(&self.payments, order_no).await
+                }
+            }
+
+            /// The `tx` strategy, cut in the middle of a batch (see [`cut_a_batch`]). The odd
+            /// keys' bodies wrote their payment and were cut before their transaction
+            /// committed: the server rolled the claim and the payment back together, so the
+            /// redelivery found the key free (never `InProgress`, no lease to wait out), ran
+            /// the body again, and every key has exactly one payment.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn tx_batch_cut_mid_run() {
+                let Some(bank) = bank(BATCH_POOL).await else {
+                    return;
+                };
+                let ledger = Arc::new(Ledger::default());
+                let deliver: Deliver = {
+                    let (bank, ledger) = (bank.clone(), ledger.clone());
+                    Arc::new(move |delivery, msg| {
+                        let (bank, ledger) = (bank.clone(), ledger.clone());
+                        Box::pin(async move { bank.deliver(&ledger, delivery, msg).await })
+                    })
+                };
+                // Each odd key's held body and its duplicates, waiting on its row lock.
+                let copies = 3;
+                let batch = cut_a_batch(&bank.rig.proxy, &bank.rig.clock, &ledger, deliver, copies, copies).await;
+                let producers = one_result_per_key(&batch);
+                for k in 0..KEYS {
+                    let key = batch_key(k);
+                    assert_eq!(bank.payments_of(&key).await, 1, "{key}: exactly one payment");
+                    let runs = if k % 2 == 0 { 1 } else { 2 };
+                    assert_eq!(ledger.runs_of(&key), runs, "{key}: the cut run was rolled back");
+                    if k % 2 == 1 {
+                        assert!(!batch.held.contains(&producers[&key]));
+                    }
+                }
+                assert!(
+                    batch.in_progress_after_restore.is_empty(),
+                    "a tx claim is never left in progress: {:?}",
+                    batch.in_progress_after_restore
+                );
+                assert_eq!(batch.lease_waits, 0);
+                assert_eq!(bank.rig.inspect.records().await, KEYS as i64);
+                eprintln!(
+                    "outage figure [{}] tx batch: {} bodies cut before commit were rolled back and ran again; one payment per key",
+                    bank.rig.backend,
+                    batch.held.len()
+                );
+            }
+
+            /// The connection of a delivery's transaction is lost before the claim: the
+            /// handler returns the store error without running the body, nothing is written,
+            /// and after the restore the same pool serves the redelivery, which pays once.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn tx_cut_before_the_claim_fails_closed() {
+                let Some(bank) = bank(POOL).await else {
+                    return;
+                };
+                let ledger = Ledger::default();
+                let store = &bank.rig.store.store;
+                let mut tx = store.pool().begin().await.expect("begin");
+                bank.rig.proxy.cut();
+                let down = guarded(
+                    "a tx handler while cut",
+                    pay(store, &mut tx, &ledger, &bank.insert, 1, OrderPaid::new("tx-down", 10)),
+                )
+                .await;
+                assert_store_error(&down, bank.rig.backend);
+                assert_eq!(ledger.total(), 0, "the body ran without a claim");
+                assert!(tx.rollback().await.is_err(), "the connection is gone");
+                assert_eq!(bank.payments_of("tx-down").await, 0);
+                assert_eq!(bank.rig.inspect.records().await, 0);
+
+                bank.rig.proxy.restore();
+                let (credited, attempts) = until_delivered("the redelivery", || {
+                    bank.deliver(&ledger, 2, OrderPaid::new("tx-down", 10))
+                })
+                .await;
+                assert_eq!(credited.by_delivery, 2);
+                let replay = guarded("a duplicate", bank.deliver(&ledger, 3, OrderPaid::new("tx-down", 10))).await;
+                assert!(matches!(&replay, Outcome::Acked(again) if *again == credited), "{replay:?}");
+                assert_eq!(bank.payments_of("tx-down").await, 1);
+                assert_eq!(ledger.total(), 1);
+                eprintln!(
+                    "outage figure [{}] tx cut before the claim: {down:?}; acked on attempt {attempts} after restore",
+                    bank.rig.backend
+                );
+            }
+
+            /// The network stalls after the delivery's transaction began: the connection is
+            /// already taken, so the pool's timeout does not apply and sqlx has none for a
+            /// statement; the caller's own deadline ends the delivery. Either way the body did
+            /// not run; the transaction is dropped (rolled back), and after the restore the
+            /// same pool serves the redelivery, which pays once.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn tx_stall_after_begin_is_bounded_by_the_callers_deadline() {
+                const DEADLINE: Duration = Duration::from_secs(5);
+                let Some(bank) = bank(POOL).await else {
+                    return;
+                };
+                let ledger = Ledger::default();
+                let store = &bank.rig.store.store;
+                let mut tx = store.pool().begin().await.expect("begin");
+                bank.rig.proxy.stall();
+                let started = Instant::now();
+                let stalled = tokio::time::timeout(
+                    DEADLINE,
+                    pay(store, &mut tx, &ledger, &bank.insert, 1, OrderPaid::new("tx-stalled", 10)),
+                )
+                .await;
+                let took = started.elapsed();
+                match &stalled {
+                    Err(_elapsed) => {}
+                    Ok(result) => assert_store_error(result, bank.rig.backend),
+                }
+                assert_eq!(ledger.total(), 0, "the body ran without a claim");
+                drop(tx); // never commit a transaction whose handler did not return
+
+                bank.rig.proxy.restore();
+                let (credited, attempts) = until_delivered("the redelivery", || {
+                    bank.deliver(&ledger, 2, OrderPaid::new("tx-stalled", 10))
+                })
+                .await;
+                assert_eq!(credited.by_delivery, 2);
+                assert_eq!(bank.payments_of("tx-stalled").await, 1);
+                assert_eq!(ledger.total(), 1);
+                eprintln!(
+                    "outage figure [{}] tx stall after begin: {} after {took:?}; acked on attempt {attempts} after restore",
+                    bank.rig.backend,
+                    match stalled {
+                        Err(_) => "the caller's deadline fired (no client timeout covers a statement)".to_owned(),
+                        Ok(result) => format!("{result:?}"),
+                    }
+                );
+            }
+        }
+    };
+}
+
+tx_outages!(
+    postgres_tx,
+    postgres,
+    idem_runtime::postgres::PostgresStore,
+    sqlx::Postgres,
+    postgres_scratch,
+    "INSERT INTO {payments} (order_no, delivery) VALUES ($1, $2)"
+);
+
+tx_outages!(
+    mysql_tx,
+    mysql,
+    idem_runtime::mysql::MySqlStore,
+    sqlx::MySql,
+    mysql_scratch,
+    "INSERT INTO {payments} (order_no, delivery) VALUES (?, ?)"
+);
 
 /// The proxy itself, on an echo server: forwards, holds bytes while stalled, closes and
 /// resets when cut, forwards again once restored.
