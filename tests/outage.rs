@@ -542,10 +542,15 @@ async fn cut_fails_closed_then_recovers<S: Store + 'static>(rig: Rig<S>) {
 }
 
 /// Stalled: the delivery fails closed with a store error once the client's timeout fires
-/// (guarded, so a hang fails the test), its body does not run; once restored, the same store
-/// handles the redelivery. A claim that was sent before the stall may still reach the server
-/// when the network comes back (TCP delivers what it holds): the key is then in progress
-/// under a lease nobody holds, and the redelivery waits for that lease to run out.
+/// (guarded, so a hang fails the test), its body does not run, nothing is written; once
+/// restored, the same store handles the redelivery, which runs the body once.
+///
+/// What the network held is delivered when it comes back, as TCP retransmits it. The SQL
+/// pools ping an idle connection before they hand it out, so the stalled call never sent its
+/// claim. The Redis client sent the claim script before its response timeout fired: the
+/// script runs when the network is back, and the key is then **in progress under a lease
+/// nobody holds**; the redelivery gets `InProgress` until that lease runs out, then runs the
+/// body once. (Safe — nothing runs twice — but a late claim delays the key by a lease.)
 async fn stall_fails_closed_in_bounded_time_then_recovers<S: Store + 'static>(rig: Rig<S>) {
     let Rig {
         backend,
@@ -579,6 +584,18 @@ async fn stall_fails_closed_in_bounded_time_then_recovers<S: Store + 'static>(ri
     );
 
     proxy.restore();
+    let late_claim_expected = *backend == "redis";
+    if late_claim_expected {
+        // The held claim script reaches the server: wait for its record.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while inspect.records().await < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stalled claim never reached Redis"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let mut late_claim = false;
     let mut attempts = 0;
     let credited = loop {
@@ -603,6 +620,10 @@ async fn stall_fails_closed_in_bounded_time_then_recovers<S: Store + 'static>(ri
     };
     assert_eq!(credited.by_delivery, 2);
     assert_eq!(ledger.runs_of("stalled"), 1, "the body ran once");
+    assert_eq!(
+        late_claim, late_claim_expected,
+        "{backend}: the stalled claim reached the server late: {late_claim}"
+    );
     eprintln!(
         "outage figure [{backend}] stall: store error after {took:?} (client timeout \
          {CLIENT_TIMEOUT:?}): {:?}; acked on attempt {attempts} after restore; the stalled claim \
