@@ -961,8 +961,8 @@ async fn fail_open_runs_the_body_during_an_outage<S: Store + 'static>(rig: Rig<S
         backend,
         proxy,
         store,
-        clock,
         inspect,
+        ..
     } = &rig;
     let (store, ledger) = (&**store, &Ledger::default());
     let first = guarded(
@@ -1062,9 +1062,13 @@ async fn fail_open_runs_the_body_during_an_outage<S: Store + 'static>(rig: Rig<S
     assert_eq!(ledger.runs_of("open-down"), 3);
     // Nothing was written by the deliveries that failed open, while cut (the stalled claim
     // may have reached the server late).
+    // The stalled fail-open claim was never sent either: the SQL pool's ping stalled first,
+    // and the Redis manager was still reconnecting after the cut.
     let late = inspect.records().await - records - 2; // probe, open-down
-    assert!((0..=1).contains(&late), "{late} records from the outage");
-    let _ = clock;
+    assert_eq!(
+        late, 0,
+        "records written by the deliveries that failed open"
+    );
     eprintln!(
         "outage figure [{backend}] fail-open: cut → body ran unrecorded at once; stalled → body ran after {took:?}; late stalled claims: {late}"
     );
