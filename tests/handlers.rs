@@ -605,6 +605,7 @@ struct Faulty<S> {
     store_down: AtomicBool,
     failing_extends: AtomicUsize,
     extends: AtomicUsize,
+    claims: AtomicUsize,
 }
 
 impl<S> Faulty<S> {
@@ -614,6 +615,7 @@ impl<S> Faulty<S> {
             store_down: AtomicBool::new(false),
             failing_extends: AtomicUsize::new(0),
             extends: AtomicUsize::new(0),
+            claims: AtomicUsize::new(0),
         }
     }
 
@@ -629,6 +631,7 @@ impl<S: Store> Store for Faulty<S> {
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> Result<Claim, Error> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
         if self.store_down.load(Ordering::SeqCst) {
             return Err(Self::outage());
         }
@@ -687,6 +690,93 @@ async fn unreachable_store_runs_nothing<S: Store>(store: S, _clock: ManualClock)
         .await
         .expect("store back");
     assert_eq!(back.run, 1);
+}
+
+#[idempotent(key = "order_no", store = store, scope = "tests.fail_open", fail_open = true)]
+async fn opens<S: Store>(store: &S, runs: &Runs, msg: OrderPaid) -> Result<usize, AppError> {
+    let _ = msg;
+    Ok(runs.record())
+}
+
+#[idempotent(
+    key = "order_no",
+    store = store,
+    scope = "tests.fail_open",
+    fail_open = true,
+    wait = "60s"
+)]
+async fn opens_or_waits<S: Store>(
+    store: &S,
+    runs: &Runs,
+    msg: OrderPaid,
+) -> Result<usize, AppError> {
+    let _ = msg;
+    Ok(runs.record())
+}
+
+/// `fail_open = true`: with the store up the handler is like any other (duplicates replay, a
+/// reused key is refused); a claim that cannot reach the store runs the body, unrecorded, so
+/// every delivery during the outage runs it and the first one after it runs it again; a key
+/// in progress is not failed open, nor is a waiting duplicate that saw the key in progress
+/// when the store then fails.
+async fn fail_open_runs_the_body_only_when_the_claim_cannot_reach_the_store<S: Store + 'static>(
+    store: S,
+    _clock: ManualClock,
+) {
+    let store = Arc::new(Faulty::new(store));
+    let runs = Arc::new(Runs::default());
+    let deliver = |order_no: &str, amount| opens(&*store, &runs, OrderPaid::new(order_no, amount));
+    assert_eq!(deliver("FO-1", 1).await.expect("first"), 1);
+    assert_eq!(deliver("FO-1", 1).await.expect("replay"), 1);
+    let reused = deliver("FO-1", 2).await;
+    assert!(
+        matches!(
+            reused,
+            Err(AppError::Idem(Error::FingerprintMismatch { .. }))
+        ),
+        "{reused:?}"
+    );
+    assert_eq!(runs.count(), 1);
+
+    store.store_down.store(true, Ordering::SeqCst);
+    assert_eq!(deliver("FO-2", 1).await.expect("fails open"), 2);
+    assert_eq!(deliver("FO-2", 1).await.expect("fails open again"), 3);
+    store.store_down.store(false, Ordering::SeqCst);
+    assert_eq!(deliver("FO-2", 1).await.expect("never recorded"), 4);
+    assert_eq!(deliver("FO-2", 1).await.expect("replay"), 4);
+
+    let key = RecordKey::new("tests.fail_open", "FO-3").expect("key");
+    let Claim::Acquired(lease) = store
+        .claim(&key, None, Duration::from_secs(30))
+        .await
+        .expect("claim")
+    else {
+        panic!("FO-3 is new");
+    };
+    let busy = deliver("FO-3", 1).await;
+    assert!(
+        matches!(busy, Err(AppError::Idem(Error::InProgress { .. }))),
+        "{busy:?}"
+    );
+    let waiting = {
+        let (store, runs) = (store.clone(), runs.clone());
+        tokio::spawn(async move { opens_or_waits(&*store, &runs, OrderPaid::new("FO-3", 1)).await })
+    };
+    let claims = store.claims.load(Ordering::SeqCst);
+    eventually("the duplicate polls the key in progress", || {
+        store.claims.load(Ordering::SeqCst) >= claims + 2
+    })
+    .await;
+    store.store_down.store(true, Ordering::SeqCst);
+    let waited = within(waiting).await.expect("task");
+    assert!(
+        matches!(waited, Err(AppError::Idem(Error::Store(_)))),
+        "a duplicate that saw the key in progress must not fail open: {waited:?}"
+    );
+    store.store_down.store(false, Ordering::SeqCst);
+    assert_eq!(runs.count(), 4, "no body ran for a key in progress");
+    store.release(&key, &lease).await.expect("release");
+    assert_eq!(deliver("FO-3", 1).await.expect("free again"), 5);
 }
 
 #[idempotent(key = "order_no", store = store, scope = "tests.beat", lease = "600ms", heartbeat = true)]
@@ -983,6 +1073,7 @@ macro_rules! store_module {
                 composite_keys_keep_tenants_apart,
                 waiting_duplicate_gets_the_first_result,
                 unreachable_store_runs_nothing,
+                fail_open_runs_the_body_only_when_the_claim_cannot_reach_the_store,
                 waiting_duplicate_times_out_in_progress,
                 waiter_runs_the_body_when_the_first_call_fails,
                 one_key_in_two_scopes_runs_each_body,

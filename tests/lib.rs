@@ -8,6 +8,8 @@ use std::time::Duration;
 use idem_runtime::{Claim, Error, Fingerprint, Lease, RecordKey, Store, idempotent};
 use serde::{Deserialize, Serialize};
 
+pub mod proxy;
+
 /// A message as a queue delivers it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct OrderPaid {

@@ -19,6 +19,7 @@ pub const OPTIONS: &[&str] = &[
     "fingerprint",
     "wait",
     "heartbeat",
+    "fail_open",
     "strategy",
     "tx",
     "machine",
@@ -46,6 +47,7 @@ pub struct Options {
     pub fingerprint: Option<FingerprintValue>,
     pub wait: Option<DurationValue>,
     pub heartbeat: Option<LitBool>,
+    pub fail_open: Option<LitBool>,
     pub strategy: Option<LitStr>,
     pub tx: Option<Expr>,
     pub machine: Option<syn::Path>,
@@ -261,17 +263,22 @@ fn option(
             };
             set(&mut options.fingerprint, value, &name, errors);
         }
-        "heartbeat" => match value(&meta, &name, errors)? {
+        "heartbeat" | "fail_open" => match value(&meta, &name, errors)? {
             None => {}
             Some(Expr::Lit(ExprLit {
                 lit: Lit::Bool(switch),
                 ..
             })) => {
-                set(&mut options.heartbeat, switch, &name, errors);
+                let slot = if label == "heartbeat" {
+                    &mut options.heartbeat
+                } else {
+                    &mut options.fail_open
+                };
+                set(slot, switch, &name, errors);
             }
             Some(other) => errors.spanned(
                 other.span(),
-                "`heartbeat` takes `true` or `false`, e.g. `heartbeat = true`",
+                format_args!("`{label}` takes `true` or `false`, e.g. `{label} = true`"),
             ),
         },
         "strategy" => {

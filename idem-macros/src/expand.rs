@@ -150,6 +150,9 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
     if plan.heartbeat {
         policy_expr.extend(quote!(.with_heartbeat(true)));
     }
+    if plan.fail_open {
+        policy_expr.extend(quote!(.with_fail_open(true)));
+    }
 
     // rustc reports a broken bound of `run` at the call and again at its `.await`: both are
     // shown at the return type (and `R` is inferred from it, not named), so the bounds on `T`
@@ -499,6 +502,40 @@ mod tests {
         ] {
             assert!(out.contains(expected), "missing {expected:?} in {out}");
         }
+    }
+
+    #[test]
+    fn fail_open_reaches_the_policy_and_only_for_claim() {
+        let handler = quote!(
+            async fn pay(store: &S, tx: &mut Tx, msg: Msg) -> Result<u32, E> {
+                Ok(1)
+            }
+        );
+        let out = expand(
+            quote!(key = "order_no", store = store, fail_open = true),
+            handler.clone(),
+        );
+        assert!(out.contains(". with_fail_open (true)"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
+        let off = expand(
+            quote!(key = "order_no", store = store, fail_open = false),
+            handler.clone(),
+        );
+        assert!(!off.contains("with_fail_open"), "{off}");
+        let tx = expand(
+            quote!(
+                key = "order_no",
+                store = store,
+                strategy = "tx",
+                tx = tx,
+                fail_open = true
+            ),
+            handler,
+        );
+        assert!(
+            tx.contains("`fail_open` cannot be used with `strategy = \\\"tx\\\"`"),
+            "{tx}"
+        );
     }
 
     #[test]

@@ -47,6 +47,7 @@ use proc_macro::TokenStream;
 /// | `fingerprint` | an expression to hash, `true`, or `false` | the key's argument(s) |
 /// | `wait` | a duplicate that finds the key in progress waits up to this for the result | fail at once |
 /// | `heartbeat` | `true` extends the lease every third of it while the body runs | `false` |
+/// | `fail_open` | `true` runs the body, unrecorded, when the claim fails with a store error (see below); `claim` only | `false` |
 /// | `strategy` | `"claim"`, `"tx"`, `"state"` or `"version"` (below) | `"claim"` |
 /// | `tx` | with `strategy = "tx"`, `"state"` or `"version"`: the argument holding the transaction | required there |
 /// | `machine`, `from`, `to` | with `strategy = "state"`: the enum deriving `StateMachine` and the transition | required there |
@@ -95,6 +96,23 @@ use proc_macro::TokenStream;
 /// of it with `#[serde(skip)]`, or a resend would look like a reused key.
 /// `fingerprint = (msg.amount, msg.currency)` hashes something else; `fingerprint = false`
 /// turns the check off.
+///
+/// # When the store is down: `fail_open`
+///
+/// By default a handler **fails closed**: if the claim cannot reach the store (it is down,
+/// the network drops, a timeout fires), the body does not run and the call returns
+/// `Error::Store` (do not ack; the message is redelivered once the store is back).
+/// `fail_open = true` turns that around for one handler: the body runs anyway, without
+/// idempotency, its result is returned and not recorded, and a `tracing` warning says so.
+///
+/// **While the store is down, a fail-open handler is not idempotent**: every delivery in that
+/// window runs the body, so duplicates double their effects. Keep it for bodies whose
+/// duplicates are harmless. Only a store error at the claim fails open; `InProgress`, a
+/// fingerprint mismatch, an empty key and a record that does not decode fail as always, and
+/// a result that cannot be recorded after the body ran still returns the store error. It is
+/// a compile error with `strategy = "tx"`, `"state"` and `"version"`, whose claim commits with
+/// the body's writes: without the database the body cannot run either. See
+/// `Policy::with_fail_open`.
 ///
 /// # `strategy = "tx"`
 ///

@@ -70,6 +70,8 @@ pub struct Plan {
     pub lease: Option<DurationValue>,
     pub wait: Option<DurationValue>,
     pub heartbeat: bool,
+    /// `fail_open = true` (`claim` only).
+    pub fail_open: bool,
     pub output: Type,
     pub strategy: Strategy,
     /// The expression naming the transaction (`strategy = "tx"`).
@@ -169,6 +171,7 @@ pub fn validate(options: Options, handler: &Handler, errors: &mut Errors) -> Opt
         lease: options.lease,
         wait: options.wait,
         heartbeat: options.heartbeat.is_some_and(|switch| switch.value),
+        fail_open: options.fail_open.is_some_and(|switch| switch.value),
         output: output?,
         tx: match strategy? {
             Strategy::Tx => Some(options.tx?),
@@ -482,6 +485,29 @@ fn check_strategy(options: &Options, errors: &mut Errors) -> Option<Strategy> {
             }
         },
     };
+    if let Some(fail_open) = &options.fail_open {
+        let why = match strategy {
+            Strategy::Claim => None,
+            Strategy::Tx => Some((
+                "tx",
+                "the claim and the body's writes commit in one transaction",
+            )),
+            Strategy::State => Some((
+                "state",
+                "the row's transition and the body's writes commit in one transaction",
+            )),
+            Strategy::Version => Some((
+                "version",
+                "the row's versioned update and the body's writes commit in one transaction",
+            )),
+        };
+        if let Some((name, commit_together)) = why {
+            errors.spanned(
+                fail_open.span(),
+                format_args!("`fail_open` cannot be used with `strategy = \"{name}\"`: {commit_together}, so when the database cannot be reached the body cannot run either, and there is nothing to fail open to; leave `fail_open` out (the store error is returned: do not ack, redeliver later)"),
+            );
+        }
+    }
     match strategy {
         Strategy::Claim => {
             if let Some(tx) = &options.tx {

@@ -15,14 +15,16 @@ use crate::{Error, Fingerprint, RecordKey};
 /// How one idempotent handler treats its records and duplicates.
 ///
 /// The defaults: completed results are kept for 24 hours, a claim's lease runs for 30 seconds,
-/// a duplicate that finds the key in progress fails at once with [`Error::InProgress`], and the
-/// lease is not extended while the body runs.
+/// a duplicate that finds the key in progress fails at once with [`Error::InProgress`], the
+/// lease is not extended while the body runs, and a store that cannot be reached fails the call
+/// closed (the body does not run).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
     ttl: Duration,
     lease: Duration,
     wait: Option<Duration>,
     heartbeat: bool,
+    fail_open: bool,
 }
 
 impl Default for Policy {
@@ -44,6 +46,7 @@ impl Policy {
             lease: Self::DEFAULT_LEASE,
             wait: None,
             heartbeat: false,
+            fail_open: false,
         }
     }
 
@@ -87,6 +90,34 @@ impl Policy {
         self
     }
 
+    /// With `true`, a call whose **claim** fails with [`Error::Store`] (the store is down,
+    /// unreachable or timed out) runs the body anyway, without idempotency, and returns its
+    /// result unrecorded; a `tracing` warning says so. The default, `false`, fails closed: the
+    /// body does not run and the caller gets the store error (do not ack; redeliver later).
+    ///
+    /// **Failing open gives up the guarantee while the store is down**: every delivery that
+    /// arrives during the outage runs the body, so duplicates then double their effects, and
+    /// a key that is completed later does not know about the runs that happened meanwhile.
+    /// Use it only for bodies whose duplicates are harmless or checked elsewhere (a read, a
+    /// cache fill, a notification you can afford twice) and that must not stop when the store
+    /// does.
+    ///
+    /// Only a store error *at the claim* fails open. A key found in progress
+    /// ([`Error::InProgress`], also after waiting), a fingerprint mismatch, an empty key and a
+    /// stored record that does not decode fail as before, and so does a duplicate that was
+    /// waiting ([`with_wait`](Self::with_wait)) for a call it saw in progress when the store
+    /// then fails: another call is running the body. A body that ran under a claim and whose
+    /// result cannot be recorded (the store went down meanwhile) still returns the store
+    /// error, as without this option.
+    ///
+    /// Refused by the macro for `strategy = "tx"`, `"state"` and `"version"`: there the claim
+    /// and the body's writes commit in one transaction, so without the database the body
+    /// cannot run either.
+    pub const fn with_fail_open(mut self, fail_open: bool) -> Self {
+        self.fail_open = fail_open;
+        self
+    }
+
     /// How long completed results are kept.
     pub const fn ttl(&self) -> Duration {
         self.ttl
@@ -105,6 +136,12 @@ impl Policy {
     /// Whether the lease is extended while the body runs.
     pub const fn heartbeat(&self) -> bool {
         self.heartbeat
+    }
+
+    /// Whether a store error at the claim runs the body anyway, unrecorded (see
+    /// [`with_fail_open`](Self::with_fail_open)).
+    pub const fn fail_open(&self) -> bool {
+        self.fail_open
     }
 }
 
@@ -139,10 +176,13 @@ const fn whole_millis(duration: Duration) -> Duration {
 ///   releases the claim so the next delivery runs the body again at once.
 /// * If the returned future is dropped (cancelled) or `body` panics, the claim is left to
 ///   expire with its lease: until then duplicates get [`Error::InProgress`].
+/// * If the claim fails with [`Error::Store`], that error is returned and `body` is not polled
+///   (fail closed), unless [`Policy::with_fail_open`] is set: then `body` runs without a claim
+///   and its result is returned unrecorded.
 ///
 /// Every call runs in a `tracing` span named `idempotent` with the fields `scope`, `key`,
 /// `fence` and `outcome` (`executed`, `replayed`, `in_progress`, `mismatch`, `failed`,
-/// `lease_lost` or `store_error`).
+/// `lease_lost`, `store_error` or `failed_open`).
 ///
 /// # Errors
 ///
@@ -192,6 +232,15 @@ where
             span.record("outcome", "replayed");
             tracing::debug!("replayed the stored result");
             return decode(key, &stored).map_err(E::from);
+        }
+        Ok(Acquired::Unreachable(error)) => {
+            span.record("outcome", "failed_open");
+            tracing::warn!(
+                %error,
+                "the store cannot be reached: running the body without idempotency (fail_open); \
+                 its result is not recorded and a duplicate will run it again"
+            );
+            return body.await;
         }
         Err(error) => {
             span.record("outcome", outcome_of(&error));
@@ -244,6 +293,8 @@ where
 enum Acquired {
     Lease(Lease),
     Replay(Vec<u8>),
+    /// The claim failed with a store error and the policy fails open.
+    Unreachable(Error),
 }
 
 async fn acquire<S: Store + ?Sized>(
@@ -259,8 +310,18 @@ async fn acquire<S: Store + ?Sized>(
         .wait
         .map(|wait| tokio::time::Instant::now().checked_add(wait));
     let mut pause = FIRST_PAUSE;
+    // A duplicate that saw the key in progress knows that another call runs the body: a store
+    // error while it waits must not let it run the body too.
+    let mut seen_in_progress = false;
     loop {
-        match store.claim(key, fingerprint, policy.lease).await? {
+        let claim = match store.claim(key, fingerprint, policy.lease).await {
+            Ok(claim) => claim,
+            Err(error @ Error::Store(_)) if policy.fail_open && !seen_in_progress => {
+                return Ok(Acquired::Unreachable(error));
+            }
+            Err(error) => return Err(error),
+        };
+        match claim {
             Claim::Acquired(lease) => return Ok(Acquired::Lease(lease)),
             Claim::Completed(stored) => return Ok(Acquired::Replay(stored)),
             Claim::Mismatch => {
@@ -270,6 +331,7 @@ async fn acquire<S: Store + ?Sized>(
                 });
             }
             Claim::InProgress { retry_after } => {
+                seen_in_progress = true;
                 let now = tokio::time::Instant::now();
                 let left = match deadline {
                     None => Duration::ZERO,

@@ -31,6 +31,7 @@ impl From<idem_runtime::Error> for AppError {
     fingerprint = msg.amount,
     wait = "5s",
     heartbeat = true,
+    fail_open = true,
     strategy = "claim",
 )]
 async fn pay(store: &MemoryStore, msg: OrderPaid) -> Result<u64, AppError> {
@@ -45,6 +46,7 @@ async fn pay(store: &MemoryStore, msg: OrderPaid) -> Result<u64, AppError> {
     wait = Duration::ZERO,
     fingerprint = false,
     heartbeat = false,
+    fail_open = false,
 )]
 async fn refund<S: Store>(store: &S, order_no: &str) -> Result<(), AppError> {
     let _ = order_no;
