@@ -244,7 +244,62 @@ async fn body_running(task: &Task, pause: Duration) {
 }
 
 macro_rules! chaos_db {
-    ($db:ty, $store:ty, $options:ty, $id:literal) => {
+    ($db:ty, $store:ty, $options:ty, $id:literal, $handlers:ident) => {
+        /// The handlers of one database. (Their attributes are written on one line: rustfmt
+        /// indents a multi-line attribute in this macro further on every run.)
+        mod $handlers {
+            use super::*;
+
+            /// `UPDATE chaos_accounts SET amount = amount + ?, version = version + 1
+            /// WHERE id = ? AND version = ?`, then the effect row.
+            #[idempotent(key = "id", strategy = "version", table = "chaos_accounts", set(amount += msg.amount), tx = tx)]
+            pub(super) async fn credited(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                task: &Task,
+                pause: Duration,
+                msg: VersionTask,
+            ) -> Result<Versioned<()>, ChaosError> {
+                effect::<$db>("version", &msg.id, msg.amount)
+                    .execute(&mut **tx)
+                    .await?;
+                body_running(task, pause).await;
+                Ok(())
+            }
+
+            /// `UPDATE chaos_orders SET status = 'Paid' WHERE id = ? AND status =
+            /// 'Created'`, then the effect row.
+            #[idempotent(strategy = "state", machine = ChaosOrder, from = Created, to = Paid, table = "chaos_orders", id = id, tx = tx)]
+            pub(super) async fn paid(
+                tx: &mut sqlx::Transaction<'_, $db>,
+                task: &Task,
+                pause: Duration,
+                id: &str,
+            ) -> Result<Transitioned<(), ChaosOrder>, ChaosError> {
+                effect::<$db>("state", id, task.amount)
+                    .execute(&mut **tx)
+                    .await?;
+                body_running(task, pause).await;
+                Ok(())
+            }
+
+            /// Claim the key in Redis, write the effect (autocommit), complete.
+            #[idempotent(key = "key", store = store, scope = "chaos.claim", lease = "2s")]
+            pub(super) async fn called(
+                store: &ClaimStore,
+                pool: &Pool<$db>,
+                ran: &AtomicBool,
+                pause: Duration,
+                task: &Task,
+            ) -> Result<i64, ChaosError> {
+                effect::<$db>("claim", &task.key, task.amount)
+                    .execute(pool)
+                    .await?;
+                ran.store(true, Ordering::SeqCst);
+                body_running(task, pause).await;
+                Ok(task.amount)
+            }
+        }
+
         impl ChaosDb for $db {
             async fn connect_pool(url: &str) -> Result<Pool<Self>, ChaosError> {
                 Ok(<$options>::new()
@@ -310,35 +365,13 @@ macro_rules! chaos_db {
                 task: &Task,
                 pause: Duration,
             ) -> Result<Done, ChaosError> {
-                /// `UPDATE chaos_accounts SET amount = amount + ?, version = version + 1
-                /// WHERE id = ? AND version = ?`, then the effect row.
-                #[idempotent(
-                            key = "id",
-                            strategy = "version",
-                            table = "chaos_accounts",
-                            set(amount += msg.amount),
-                            tx = tx,
-                        )]
-                async fn credited(
-                    tx: &mut sqlx::Transaction<'_, $db>,
-                    task: &Task,
-                    pause: Duration,
-                    msg: VersionTask,
-                ) -> Result<Versioned<()>, ChaosError> {
-                    effect::<$db>("version", &msg.id, msg.amount)
-                        .execute(&mut **tx)
-                        .await?;
-                    body_running(task, pause).await;
-                    Ok(())
-                }
-
                 let msg = VersionTask {
                     id: task.key.clone(),
                     version: 0,
                     amount: task.amount,
                 };
                 let mut tx = pool.begin().await?;
-                let done = credited(&mut tx, task, pause, msg).await?;
+                let done = $handlers::credited(&mut tx, task, pause, msg).await?;
                 tx.commit().await?;
                 Ok(match done {
                     Versioned::Applied(()) => Done::Applied,
@@ -351,32 +384,8 @@ macro_rules! chaos_db {
                 task: &Task,
                 pause: Duration,
             ) -> Result<Done, ChaosError> {
-                /// `UPDATE chaos_orders SET status = 'Paid' WHERE id = ? AND status =
-                /// 'Created'`, then the effect row.
-                #[idempotent(
-                            strategy = "state",
-                            machine = ChaosOrder,
-                            from = Created,
-                            to = Paid,
-                            table = "chaos_orders",
-                            id = id,
-                            tx = tx,
-                        )]
-                async fn paid(
-                    tx: &mut sqlx::Transaction<'_, $db>,
-                    task: &Task,
-                    pause: Duration,
-                    id: &str,
-                ) -> Result<Transitioned<(), ChaosOrder>, ChaosError> {
-                    effect::<$db>("state", id, task.amount)
-                        .execute(&mut **tx)
-                        .await?;
-                    body_running(task, pause).await;
-                    Ok(())
-                }
-
                 let mut tx = pool.begin().await?;
-                let done = paid(&mut tx, task, pause, &task.key).await?;
+                let done = $handlers::paid(&mut tx, task, pause, &task.key).await?;
                 tx.commit().await?;
                 Ok(match done {
                     Transitioned::Applied(()) => Done::Applied,
@@ -390,25 +399,8 @@ macro_rules! chaos_db {
                 task: &Task,
                 pause: Duration,
             ) -> Result<Done, ChaosError> {
-                /// Claim the key in Redis, write the effect (autocommit), complete.
-                #[idempotent(key = "key", store = store, scope = "chaos.claim", lease = "2s")]
-                async fn called(
-                    store: &ClaimStore,
-                    pool: &Pool<$db>,
-                    ran: &AtomicBool,
-                    pause: Duration,
-                    task: &Task,
-                ) -> Result<i64, ChaosError> {
-                    effect::<$db>("claim", &task.key, task.amount)
-                        .execute(pool)
-                        .await?;
-                    ran.store(true, Ordering::SeqCst);
-                    body_running(task, pause).await;
-                    Ok(task.amount)
-                }
-
                 let ran = AtomicBool::new(false);
-                called(store, pool, &ran, pause, task).await?;
+                $handlers::called(store, pool, &ran, pause, task).await?;
                 Ok(if ran.load(Ordering::SeqCst) {
                     Done::Applied
                 } else {
@@ -463,13 +455,15 @@ chaos_db!(
     Postgres,
     PostgresStore,
     sqlx::postgres::PgPoolOptions,
-    "BIGSERIAL PRIMARY KEY"
+    "BIGSERIAL PRIMARY KEY",
+    postgres_handlers
 );
 chaos_db!(
     MySql,
     MySqlStore,
     sqlx::mysql::MySqlPoolOptions,
-    "BIGINT AUTO_INCREMENT PRIMARY KEY"
+    "BIGINT AUTO_INCREMENT PRIMARY KEY",
+    mysql_handlers
 );
 
 /// Builds the `claim` handler's store: Redis at `url`, under `prefix`.
