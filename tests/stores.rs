@@ -18,6 +18,40 @@ mod memory {
     );
 }
 
+/// The in-process result cache in front of a store answers as the store does (tiny capacity,
+/// so evictions happen during the suite too).
+mod cached_memory {
+    use std::num::NonZeroUsize;
+
+    use idem_runtime::MemoryStore;
+    use idem_runtime::cache::CachedStore;
+    use idem_runtime::clock::ManualClock;
+
+    idem_runtime::conformance_tests!(|clock: ManualClock| async move {
+        CachedStore::new(
+            MemoryStore::with_clock(clock.clone()),
+            NonZeroUsize::new(2).expect("2 is not 0"),
+        )
+        .with_clock(clock)
+    });
+}
+
+/// The same in front of SQLite (in memory), with room for every record.
+mod cached_sqlite {
+    use std::num::NonZeroUsize;
+
+    use idem_runtime::cache::CachedStore;
+    use idem_runtime::clock::ManualClock;
+
+    idem_runtime::conformance_tests!(|clock: ManualClock| async move {
+        CachedStore::new(
+            super::in_memory_store(clock.clone()).await,
+            NonZeroUsize::new(1024).expect("1024 is not 0"),
+        )
+        .with_clock(clock)
+    });
+}
+
 mod sqlite_memory {
     use idem_runtime::clock::ManualClock;
 

@@ -88,6 +88,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod cache;
 pub mod clock;
 mod error;
 mod handler;
