@@ -64,7 +64,10 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 pub use self::child::{ChildConfig, consume};
-pub use self::work::{ChaosDb, ChaosOrder, Done, Holdings, VersionTask, Watched};
+pub use self::work::{
+    ChaosDb, ChaosOrder, ClaimStore, Done, Holdings, IDEM_TABLE, POINTS_PREFIX, VersionTask,
+    Watched, claim_store,
+};
 use crate::events::OrderPaid;
 use crate::points::PointsError;
 use crate::stream::{EventStream as _, RedisStream, StreamError};
