@@ -8,6 +8,7 @@ use std::time::Duration;
 use idem_runtime::{Claim, Error, Fingerprint, Lease, RecordKey, Store, idempotent};
 use serde::{Deserialize, Serialize};
 
+pub mod counting;
 pub mod proxy;
 
 /// A message as a queue delivers it.
