@@ -15,8 +15,6 @@ use idem_runtime::{Store, idempotent};
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, Row};
 
-pub mod lua;
-
 /// The scope every measured handler (and the hand-written code) keys its records under.
 pub const SCOPE: &str = "bench.credit";
 /// The lease of a claim, as idem's default.
@@ -511,7 +509,8 @@ FROM {table} WHERE scope = ?1 AND business_key = ?2"
 }
 
 /// The same claim / complete / replay as idem's Redis store, by hand: the same Lua scripts
-/// ([`lua`]) under the same keys, with no `RecordKey`, fingerprint, span or policy.
+/// ([`idem_runtime::redis::lua`]) under the same keys, with no `RecordKey`, fingerprint, span
+/// or policy.
 pub mod hand_redis {
     use redis::aio::ConnectionManager;
     use redis::{Script, Value};
@@ -532,8 +531,8 @@ pub mod hand_redis {
             Self {
                 connection,
                 prefix: prefix.to_owned(),
-                claim: Script::new(&format!("{}{}", lua::PRELUDE, lua::CLAIM)),
-                complete: Script::new(&format!("{}{}", lua::PRELUDE, lua::COMPLETE)),
+                claim: Script::new(&idem_runtime::redis::lua::claim()),
+                complete: Script::new(&idem_runtime::redis::lua::complete()),
             }
         }
 

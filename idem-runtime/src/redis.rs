@@ -244,6 +244,21 @@ struct Scripts {
     purge: Script,
 }
 
+/// The Lua source of the scripts the store runs, the shared prelude included: to read them
+/// when auditing the store, or to run them without it (the benchmarks' hand-written floor).
+pub mod lua {
+    /// The claim. KEYS: the record. ARGV: now, owner, lease until, PEXPIRE ms, fingerprint or
+    /// `''`.
+    pub fn claim() -> String {
+        format!("{}{}", super::PRELUDE, super::CLAIM)
+    }
+
+    /// The completion. KEYS: the record. ARGV: owner, fence, result, expires at, PEXPIRE ms.
+    pub fn complete() -> String {
+        format!("{}{}", super::PRELUDE, super::COMPLETE)
+    }
+}
+
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
     let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
     Scripts {
