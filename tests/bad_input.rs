@@ -1627,10 +1627,18 @@ mod mysql {
     use super::*;
     use idem_runtime::mysql::MySqlStore;
     use idem_tests::Guarded;
-    use idem_tests::sql_servers::{mysql_pool, mysql_store};
+    use idem_tests::sql_servers::{mysql_pool, mysql_store, mysql_store_as_on_mysql};
 
     async fn open(clock: ManualClock) -> Option<(Guarded<MySqlStore>, Sql)> {
         let store = mysql_store(mysql_pool().await?, clock).await;
+        let sql = Sql::Mysql(store.store.pool().clone(), store.store.table().to_owned());
+        Some((store, sql))
+    }
+
+    /// The store claiming as on MySQL, without `INSERT … RETURNING`: its claims learn what
+    /// they did from `LAST_INSERT_ID()` and a read.
+    async fn open_as_on_mysql(clock: ManualClock) -> Option<(Guarded<MySqlStore>, Sql)> {
+        let store = mysql_store_as_on_mysql(mysql_pool().await?, clock).await;
         let sql = Sql::Mysql(store.store.pool().clone(), store.store.table().to_owned());
         Some((store, sql))
     }
@@ -1656,15 +1664,34 @@ mod mysql {
         });
     }
 
-    /// KNOWN BUG, left failing on purpose (found by `corrupt_rows_are_decode_errors`, whose
-    /// smallest failing input is `FenceOfDead(-1)`): a claim that takes over a dead record
-    /// whose fence was edited to -1 raises it to 0, and reports the takeover through
-    /// `LAST_INSERT_ID(fence + 1)` = 0, which the claim reads as "changed nothing". It then
-    /// reads back its own takeover and answers `InProgress` for a record nobody holds (its
-    /// owner token was never handed out), where SQLite and PostgreSQL answer `Error::Decode`
-    /// (a fence must be positive). The row stays taken for the whole lease.
+    #[test]
+    fn corrupt_rows_are_decode_errors_as_on_mysql() {
+        on_store(open_as_on_mysql, |runtime, store, sql, clock| {
+            sql_corrupt("mysql", Dialect::Mysql, runtime, store, sql, clock)
+        });
+    }
+
+    /// Regression (found by `corrupt_rows_are_decode_errors`, whose smallest failing input
+    /// was `FenceOfDead(-1)`): a claim that took over a dead record whose fence was edited to
+    /// -1 raised it to 0 and reported the takeover through `LAST_INSERT_ID(fence + 1)` = 0,
+    /// which reads as "changed nothing"; it then answered `InProgress` for a record nobody
+    /// holds. Such a fence is now raised out of the column's range: `Error::Decode`, as on
+    /// SQLite and PostgreSQL. On both claim paths.
     #[test]
     fn dead_record_at_fence_minus_1_is_a_decode_error() {
+        fence_minus_1(open);
+    }
+
+    #[test]
+    fn dead_record_at_fence_minus_1_is_a_decode_error_as_on_mysql() {
+        fence_minus_1(open_as_on_mysql);
+    }
+
+    fn fence_minus_1<F, Fut>(open: F)
+    where
+        F: FnOnce(ManualClock) -> Fut,
+        Fut: Future<Output = Option<(Guarded<MySqlStore>, Sql)>>,
+    {
         on_store(open, |runtime, store, sql, clock| {
             runtime.block_on(async {
                 let names = Names::fresh();

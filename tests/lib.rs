@@ -500,8 +500,21 @@ pub mod sql_servers {
 
     /// A migrated store on a fresh table of `pool` on `clock`; the table is dropped with it.
     pub async fn mysql_store(pool: MySqlPool, clock: impl Clock) -> Guarded<MySqlStore> {
+        mysql_store_with(MySqlStore::new(pool), clock).await
+    }
+
+    /// The same as [`mysql_store`], claiming as it does on MySQL, without `INSERT …
+    /// RETURNING` (a claim that changed nothing is followed by a read), whichever server it is.
+    pub async fn mysql_store_as_on_mysql(
+        pool: MySqlPool,
+        clock: impl Clock,
+    ) -> Guarded<MySqlStore> {
+        mysql_store_with(MySqlStore::new(pool).with_returning(false), clock).await
+    }
+
+    async fn mysql_store_with(store: MySqlStore, clock: impl Clock) -> Guarded<MySqlStore> {
         let table = servers::unique_name("idem_test");
-        let store = MySqlStore::new(pool)
+        let store = store
             .with_table(&table)
             .expect("a unique name is a valid table name")
             .with_clock(clock);

@@ -13,9 +13,12 @@ use idem_runtime::clock::ManualClock;
 use idem_runtime::mysql::{DEFAULT_TABLE, MySqlStore};
 use idem_runtime::testing::START_MILLIS;
 use idem_runtime::{Claim, Error, Fingerprint, RecordKey, Store};
+use idem_tests::Guarded;
 use idem_tests::checks::{self, LEASE, STORED, TTL, assert_decode_error};
 use idem_tests::servers;
-use idem_tests::sql_servers::{DropTable, Server, mysql_pool, mysql_store};
+use idem_tests::sql_servers::{
+    DropTable, Server, mysql_pool, mysql_store, mysql_store_as_on_mysql,
+};
 use sqlx::AssertSqlSafe;
 use tokio::sync::Barrier;
 
@@ -37,6 +40,27 @@ mod conformance_simultaneous_assignment {
 
     idem_runtime::conformance_tests!(optional |clock: ManualClock| async move {
         Some(mysql_store(super::simultaneous_assignment_pool().await?, clock).await)
+    });
+}
+
+/// The suite with claims as MySQL runs them, without `INSERT … RETURNING` (MariaDB takes it,
+/// MySQL does not): a claim that changed nothing is followed by a locking read.
+mod conformance_as_on_mysql {
+    use idem_runtime::clock::ManualClock;
+    use idem_tests::sql_servers::{mysql_pool, mysql_store_as_on_mysql};
+
+    idem_runtime::conformance_tests!(optional |clock: ManualClock| async move {
+        Some(mysql_store_as_on_mysql(mysql_pool().await?, clock).await)
+    });
+}
+
+/// Both: `SIMULTANEOUS_ASSIGNMENT` and claims as on MySQL.
+mod conformance_simultaneous_assignment_as_on_mysql {
+    use idem_runtime::clock::ManualClock;
+    use idem_tests::sql_servers::mysql_store_as_on_mysql;
+
+    idem_runtime::conformance_tests!(optional |clock: ManualClock| async move {
+        Some(mysql_store_as_on_mysql(super::simultaneous_assignment_pool().await?, clock).await)
     });
 }
 
@@ -312,13 +336,22 @@ async fn garbage_result_is_replayed_raw_and_fails_to_decode_in_run() {
     checks::garbage_result_fails_to_decode_in_run(&store, &key, &[0xff, 0x00]).await;
 }
 
-/// Values no claim writes, put there by hand, are decode errors naming the column.
+/// Values no claim writes, put there by hand, are decode errors naming the column, on both
+/// claim paths (with `INSERT … RETURNING` and as on MySQL).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hand_edited_records_are_decode_errors() {
     let Some(pool) = mysql_pool().await else {
         return;
     };
-    let store = mysql_store(pool, ManualClock::new(START_MILLIS)).await;
+    for store in [
+        mysql_store(pool.clone(), ManualClock::new(START_MILLIS)).await,
+        mysql_store_as_on_mysql(pool, ManualClock::new(START_MILLIS)).await,
+    ] {
+        hand_edited_records_in(store).await;
+    }
+}
+
+async fn hand_edited_records_in(store: Guarded<MySqlStore>) {
     let fingerprint = Fingerprint::of("payload").expect("a string serializes");
 
     let seven = completed_key(&store.store, "completed-7", None).await;
@@ -377,15 +410,21 @@ async fn fence_at_its_maximum_is_a_decode_error() {
     let Some(pool) = mysql_pool().await else {
         return;
     };
-    let clock = ManualClock::new(START_MILLIS);
-    let store = mysql_store(pool, clock.clone()).await;
-    let key = key("max-fence");
-    let Claim::Acquired(_) = store.claim(&key, None, LEASE).await.expect("claim") else {
-        panic!("a new key is acquired");
-    };
-    tamper(&store.store, &key, "fence = 9223372036854775807").await;
-    clock.advance(LEASE);
-    assert_decode_error(store.claim(&key, None, LEASE).await, &key, "fence");
+    for as_on_mysql in [false, true] {
+        let clock = ManualClock::new(START_MILLIS);
+        let store = if as_on_mysql {
+            mysql_store_as_on_mysql(pool.clone(), clock.clone()).await
+        } else {
+            mysql_store(pool.clone(), clock.clone()).await
+        };
+        let key = key("max-fence");
+        let Claim::Acquired(_) = store.claim(&key, None, LEASE).await.expect("claim") else {
+            panic!("a new key is acquired");
+        };
+        tamper(&store.store, &key, "fence = 9223372036854775807").await;
+        clock.advance(LEASE);
+        assert_decode_error(store.claim(&key, None, LEASE).await, &key, "fence");
+    }
 }
 
 /// A 63-byte table name, the longest there is, gets its table and its expiry index (MySQL

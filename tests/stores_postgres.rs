@@ -317,6 +317,72 @@ async fn sweeper_works_off_a_backlog() {
     idem_tests::sweeping::sweeper_works_off_a_backlog(store, clock).await;
 }
 
+/// A claim that finds the key completed or in progress writes nothing: no row lock, no
+/// transaction id, so its commit has nothing to flush. (An `INSERT … ON CONFLICT DO UPDATE …
+/// WHERE false` locks the row it skips and makes the replay a writing transaction.) Checked
+/// in a transaction with `txid_current_if_assigned()`, which stays NULL until a statement
+/// writes or locks; a new key and a takeover, which do write, are the contrast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replays_and_held_keys_write_nothing() {
+    use idem_runtime::tx::{TxClaim, TxStore};
+    let Some(pool) = postgres_pool().await else {
+        return;
+    };
+    let clock = ManualClock::new(START_MILLIS);
+    let store = postgres_store(pool.clone(), clock.clone()).await;
+    let fingerprint = Fingerprint::of("payload").expect("a string serializes");
+    let done = completed_key(&store.store, "written-once", Some(&fingerprint)).await;
+    let held = key("held-elsewhere");
+    let Claim::Acquired(_) = store.claim(&held, None, LEASE).await.expect("claim") else {
+        panic!("a new key is acquired");
+    };
+
+    // Claims inside a transaction, then whether it got a transaction id.
+    let claim_and_see = |key: RecordKey, fingerprint: Option<Fingerprint>| {
+        let (pool, store) = (pool.clone(), &store.store);
+        async move {
+            let mut tx = pool.begin().await.expect("begin");
+            let claimed = store
+                .claim_in(&mut tx, &key, fingerprint.as_ref(), LEASE)
+                .await;
+            let xid: Option<i64> = sqlx::query_scalar("SELECT txid_current_if_assigned()")
+                .fetch_one(&mut *tx)
+                .await
+                .expect("read the transaction id");
+            tx.rollback().await.expect("roll back");
+            (claimed, xid)
+        }
+    };
+
+    let (replay, xid) = claim_and_see(done.clone(), Some(fingerprint)).await;
+    assert_eq!(replay.expect("replay"), TxClaim::Completed(STORED.to_vec()));
+    assert_eq!(xid, None, "a replay wrote");
+
+    let other = Fingerprint::of("another payload").expect("a string serializes");
+    let (mismatch, xid) = claim_and_see(done, Some(other)).await;
+    assert!(
+        matches!(mismatch, Err(Error::FingerprintMismatch { .. })),
+        "{mismatch:?}"
+    );
+    assert_eq!(xid, None, "a mismatch wrote");
+
+    let (busy, xid) = claim_and_see(held.clone(), None).await;
+    assert!(matches!(busy, Err(Error::InProgress { .. })), "{busy:?}");
+    assert_eq!(xid, None, "a claim of a key in progress wrote");
+
+    let (new, xid) = claim_and_see(key("brand-new"), None).await;
+    assert!(matches!(new, Ok(TxClaim::Run(_))), "{new:?}");
+    assert!(xid.is_some(), "a new key was claimed without a write");
+
+    clock.advance(LEASE);
+    let (takeover, xid) = claim_and_see(held, None).await;
+    assert!(matches!(takeover, Ok(TxClaim::Run(_))), "{takeover:?}");
+    assert!(
+        xid.is_some(),
+        "a dead record was taken over without a write"
+    );
+}
+
 /// What a claim meets while another transaction has changed the record but not committed.
 /// Its `ON CONFLICT` waits for that transaction; the snapshot of its read, taken before, does
 /// not show the outcome, so the claim must look again rather than answer from it.

@@ -9,12 +9,15 @@
 //! Variants: `idem` (the `#[idempotent]` handler), `store_api` (the store's `claim` and
 //! `complete` without the macro), `hand` (idem's statements on sqlx / redis by hand), `raw`
 //! (the primitive alone: a new key is `INSERT … ON CONFLICT DO NOTHING` / `INSERT IGNORE`
-//! then a plain `UPDATE`, or `SET NX PX`; a replay is a `SELECT` by key, or `GET`).
+//! then a plain `UPDATE`, or `SET NX PX`; a replay is a `SELECT` by key, or `GET`), and for
+//! replays `idem_cached` (the handler over `CachedStore`, the opt-in in-process result cache,
+//! in front of the store).
 //!
 //! Run with `cargo bench -p idem-benches --bench ab` (`IDEM_AB_ROUNDS` sets the rounds, 15 by
 //! default). A server that does not answer is left out with a `SKIPPED` line.
 
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -24,6 +27,7 @@ use idem_benches::hand_memory::HandMemory;
 use idem_benches::hand_redis::HandRedis;
 use idem_benches::hand_sql::HandSql;
 use idem_benches::{LEASE, Paid, Receipt, SCOPE, TTL, credit, servers};
+use idem_runtime::cache::CachedStore;
 use idem_runtime::{Claim, MemoryStore, RecordKey, Store};
 use sqlx::AssertSqlSafe;
 
@@ -47,6 +51,35 @@ fn fresh(n: u64) -> String {
 
 fn replay_key(n: u64) -> String {
     format!("{}-replay-{}", *RUN, n % REPLAY_KEYS)
+}
+
+fn cached_key(n: u64) -> String {
+    format!("{}-cached-{}", *RUN, n % REPLAY_KEYS)
+}
+
+/// The handler's replay over the in-process result cache (`CachedStore`) in front of `store`,
+/// whose keys are completed through the cache first, so that it holds their results.
+async fn cached_replay<S: Store + 'static>(store: Arc<S>) -> (&'static str, Op) {
+    let cached = Arc::new(CachedStore::new(
+        store,
+        NonZeroUsize::new(4 * REPLAY_KEYS as usize).expect("not 0"),
+    ));
+    for n in 0..REPLAY_KEYS {
+        credit(&*cached, 16, Paid::new(cached_key(n)))
+            .await
+            .expect("complete a replay key through the cache");
+    }
+    let replay = op(move |n| {
+        let cached = cached.clone();
+        async move {
+            std::hint::black_box(
+                credit(&*cached, 16, Paid::new(cached_key(n)))
+                    .await
+                    .expect("a replay through the cache"),
+            );
+        }
+    });
+    ("idem_cached", replay)
 }
 
 /// Runs the variants interleaved and prints one table row per variant.
@@ -245,6 +278,7 @@ async fn memory() {
     for n in 0..REPLAY_KEYS {
         hand.new_key(replay_key(n), 16);
     }
+    let cached = cached_replay(store.clone()).await;
     let ([idem_new, api_new], [idem_replay, api_replay]) = idem_ops(store);
     let hand_new = {
         let hand = hand.clone();
@@ -272,7 +306,7 @@ async fn memory() {
         "memory",
         "replay",
         2000,
-        &[idem_replay, api_replay, ("hand", hand_replay)],
+        &[idem_replay, api_replay, ("hand", hand_replay), cached],
     )
     .await;
 }
@@ -306,7 +340,9 @@ macro_rules! sql_store {
             }
             seed(&store).await;
             let hand = Arc::new(HandSql::<$db>::new(pool.clone(), &table));
-            let ([idem_new, api_new], [idem_replay, api_replay]) = idem_ops(Arc::new(store));
+            let store = Arc::new(store);
+            let cached = cached_replay(store.clone()).await;
+            let ([idem_new, api_new], [idem_replay, api_replay]) = idem_ops(store);
             let hand_new = {
                 let hand = hand.clone();
                 op(move |n| {
@@ -339,6 +375,7 @@ macro_rules! sql_store {
                     api_replay,
                     ("hand", hand_replay),
                     ("raw", raw_replay),
+                    cached,
                 ],
             )
             .await;
@@ -404,7 +441,9 @@ async fn sqlite() {
     }
     seed(&store).await;
     let hand = Arc::new(HandSql::<sqlx::Sqlite>::new(pool.clone(), store.table()));
-    let ([idem_new, api_new], [idem_replay, api_replay]) = idem_ops(Arc::new(store));
+    let store = Arc::new(store);
+    let cached = cached_replay(store.clone()).await;
+    let ([idem_new, api_new], [idem_replay, api_replay]) = idem_ops(store);
     let hand_new = {
         let hand = hand.clone();
         op(move |n| {
@@ -442,6 +481,7 @@ async fn sqlite() {
             api_replay,
             ("hand", hand_replay),
             ("raw", raw_replay),
+            cached,
         ],
     )
     .await;
@@ -463,7 +503,9 @@ async fn redis_store() {
         .expect("a valid prefix");
     seed(&store).await;
     let hand = Arc::new(HandRedis::new(manager.clone(), &prefix));
-    let ([idem_new, api_new], [idem_replay, api_replay]) = idem_ops(Arc::new(store));
+    let store = Arc::new(store);
+    let cached = cached_replay(store.clone()).await;
+    let ([idem_new, api_new], [idem_replay, api_replay]) = idem_ops(store);
     let hand_new = {
         let hand = hand.clone();
         op(move |n| {
@@ -528,6 +570,7 @@ async fn redis_store() {
             api_replay,
             ("hand", hand_replay),
             ("raw", raw_replay),
+            cached,
         ],
     )
     .await;

@@ -11,6 +11,7 @@
 //! groups out, with a `SKIPPED` line.
 
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -22,6 +23,7 @@ use idem_benches::hand_memory::HandMemory;
 use idem_benches::hand_redis::HandRedis;
 use idem_benches::hand_sql::HandSql;
 use idem_benches::{LEASE, Paid, Receipt, SCOPE, TTL, credit, credit_unchecked, peer, servers};
+use idem_runtime::cache::CachedStore;
 use idem_runtime::mysql::MySqlStore;
 use idem_runtime::postgres::PostgresStore;
 use idem_runtime::redis::RedisStore;
@@ -56,6 +58,11 @@ const REPLAY_KEYS: u64 = 256;
 
 fn replay_key(size: usize, n: u64) -> String {
     format!("{}-replay-{size}-{}", *RUN, n % REPLAY_KEYS)
+}
+
+/// The completed keys the replays through the result cache read.
+fn cached_key(n: u64) -> String {
+    format!("{}-cached-{}", *RUN, n % REPLAY_KEYS)
 }
 
 /// The result sizes measured (the receipt's note; the stored JSON is about 60 bytes more).
@@ -197,6 +204,33 @@ fn idem_ops<S: Store + 'static>(
             }
         })
     });
+    // The handler over the in-process result cache (`CachedStore`) in front of the store: its
+    // replay keys are completed through the cache, so that it holds their results.
+    let cached = Arc::new(CachedStore::new(
+        store.clone(),
+        NonZeroUsize::new(4 * REPLAY_KEYS as usize).expect("not 0"),
+    ));
+    rt.block_on(async {
+        for n in 0..REPLAY_KEYS {
+            credit(&*cached, 16, Paid::new(cached_key(n)))
+                .await
+                .expect("complete a replay key through the cache");
+        }
+    });
+    let cached_replay = {
+        let cached = cached.clone();
+        op(move |n| {
+            let cached = cached.clone();
+            async move {
+                let receipt = credit(&*cached, 16, Paid::new(cached_key(n)))
+                    .await
+                    .expect("a replay through the cache");
+                std::hint::black_box(receipt);
+            }
+        })
+    };
+    bench(group, rt, "replay/idem_cached", 1, cached_replay.clone());
+    bench(group, rt, "tasks64/replay/idem_cached", 64, cached_replay);
     for tasks in [8, 64] {
         bench(
             group,

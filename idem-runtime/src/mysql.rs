@@ -11,20 +11,32 @@
 //! * **claim** — one `INSERT … ON DUPLICATE KEY UPDATE` whose assignments are all guarded by
 //!   `owner = <the claim's fresh token> OR <lease or ttl passed>`: right whether the server
 //!   assigns left to right (each assignment seeing the ones before it) or all at once from
-//!   the old row (MariaDB's `SIMULTANEOUS_ASSIGNMENT` mode). The statement reports its outcome
-//!   through `LAST_INSERT_ID(expr)`, which the server returns with the result: 1 for a new
-//!   record, the raised fence for a takeover, 0 when it changed nothing (a fence below 0, which
-//!   only a hand-edited row holds, is raised to a value out of the column's range, so the
-//!   takeover fails as [`Error::Decode`] instead of reading as "changed nothing"). Only then does a read
-//!   follow, to report what holds the key. A new key or a takeover costs one round trip, a
-//!   duplicate two. A claim that meets a deadlock (InnoDB error 1213) is run again. (So the
-//!   claim sets the session's `LAST_INSERT_ID()`; that matters only for a claim in your own
-//!   transaction, see [`tx`](crate::tx).)
+//!   the old row (MariaDB's `SIMULTANEOUS_ASSIGNMENT` mode). A fence below 0, which only a
+//!   hand-edited row holds, is raised to a value out of the column's range, so the takeover
+//!   fails as [`Error::Decode`]. How the claim learns what its statement did depends on the
+//!   server:
+//!   * **MariaDB 10.5 and later** — the statement ends in `RETURNING` the record as it stands
+//!     after it (the latest committed one, even in a `REPEATABLE READ` transaction whose
+//!     snapshot is older, because the statement locks the row): the claim took the key when
+//!     the returned owner is its own token, and otherwise the row is what holds the key. One
+//!     round trip in every case.
+//!   * **MySQL** (which has no `INSERT … RETURNING`) — the statement reports its outcome
+//!     through `LAST_INSERT_ID(expr)`, which the server returns with the result: 1 for a new
+//!     record, the raised fence for a takeover, 0 when it changed nothing. Only then does a
+//!     locking read follow, to report what holds the key: a new key or a takeover costs one
+//!     round trip, a duplicate two.
+//!
+//!   The store asks the server which it is once (`SELECT VERSION()`, on the first claim of
+//!   the store and its clones); [`MySqlStore::with_returning`] tells it instead, for a proxy
+//!   that answers `VERSION()` itself. A claim that meets a deadlock (InnoDB error 1213) is run
+//!   again. (So the claim sets the session's `LAST_INSERT_ID()`; that matters only for a claim
+//!   in your own transaction, see [`tx`](crate::tx).)
 //! * **complete**, **release**, **extend** — one `UPDATE` each, conditional on the owner token,
 //!   the fence and the record still being in progress: zero rows is [`Error::LeaseLost`].
 //! * **purge_expired** — one `DELETE … WHERE expires_at <= now ORDER BY expires_at LIMIT n`.
 //!
-//! A new key therefore costs two round trips (claim, complete) and a replay two (claim, read).
+//! A new key therefore costs two round trips (claim, complete), and a replay one on MariaDB,
+//! two (claim, read) on MySQL.
 //!
 //! # What survives a restart
 //!
@@ -35,7 +47,7 @@
 //! them on failover. Keep `innodb_flush_log_at_trx_commit = 1` (and `sync_binlog = 1` with
 //! replication, semi-synchronous if failover must not lose them).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::Row;
@@ -68,15 +80,15 @@ const TAKEOVER_TESTS: usize = 7;
 struct Statements {
     schema: Arc<str>,
     claim: Arc<str>,
+    /// The claim that returns the record it leaves (MariaDB).
+    claim_returning: Arc<str>,
     read: Arc<str>,
 }
 
 impl Statements {
     /// `table` must have passed `name::sql_identifier`.
     fn new(table: &str) -> Self {
-        Self {
-            schema: sql::schema_for(SCHEMA, table).into(),
-            claim: format!(
+        let claim = format!(
                 "INSERT INTO {table}
     (scope, business_key, completed, owner, fence, lease_until, expires_at, fingerprint, result)
 VALUES (?, ?, 0, ?, LAST_INSERT_ID(1), ?, ?, ?, NULL)
@@ -88,9 +100,15 @@ ON DUPLICATE KEY UPDATE
     expires_at = IF({TAKEOVER}, VALUES(expires_at), expires_at),
     fingerprint = IF({TAKEOVER}, VALUES(fingerprint), fingerprint),
     result = IF({TAKEOVER}, NULL, result)"
+        )
+        .replace("{TAKEOVER}", TAKEOVER);
+        Self {
+            schema: sql::schema_for(SCHEMA, table).into(),
+            claim_returning: format!(
+                "{claim}\nRETURNING owner, fence, completed, lease_until, expires_at, fingerprint, result"
             )
-            .replace("{TAKEOVER}", TAKEOVER)
             .into(),
+            claim: claim.into(),
             // A locking read sees the latest committed record even in a `REPEATABLE READ`
             // transaction whose snapshot is older (`strategy = "tx"`).
             read: format!(
@@ -121,6 +139,9 @@ const PURGE: &str = "DELETE FROM {table} WHERE expires_at <= ? ORDER BY expires_
 pub struct MySqlStore {
     table: Table<MySql>,
     statements: Arc<Statements>,
+    /// Whether the server takes `INSERT … RETURNING`: asked on the first claim, shared by the
+    /// store's clones.
+    returning: Arc<OnceLock<bool>>,
 }
 
 impl MySqlStore {
@@ -138,6 +159,30 @@ impl MySqlStore {
         Ok(())
     }
 
+    /// The same store, told whether the server takes `INSERT … ON DUPLICATE KEY UPDATE …
+    /// RETURNING` (MariaDB 10.5 and later do, MySQL does not) instead of asking it with
+    /// `SELECT VERSION()` on the first claim. Needed only behind a proxy that answers
+    /// `VERSION()` itself with another server's version; `true` on a server without it makes
+    /// every claim fail with the server's syntax error. With `false` a duplicate costs a
+    /// second round trip (see the [module](self)).
+    #[must_use]
+    pub fn with_returning(mut self, returning: bool) -> Self {
+        self.returning = Arc::new(OnceLock::from(returning));
+        self
+    }
+
+    /// Whether the server takes `INSERT … RETURNING`, asked on `connection` the first time.
+    async fn returning(&self, connection: &mut sqlx::MySqlConnection) -> Result<bool, Error> {
+        if let Some(returning) = self.returning.get() {
+            return Ok(*returning);
+        }
+        let version: String = sqlx::query_scalar("SELECT VERSION()")
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(store_error::<MySql>)?;
+        Ok(*self.returning.get_or_init(|| takes_returning(&version)))
+    }
+
     async fn try_claim(
         &self,
         connection: &mut sqlx::MySqlConnection,
@@ -145,21 +190,42 @@ impl MySqlStore {
         fingerprint: Option<&Fingerprint>,
         lease: Duration,
     ) -> Result<Option<Claim>, Error> {
+        let returning = self.returning(&mut *connection).await?;
         let now = self.table.clock.now_millis();
         let until = clock::deadline(now, lease);
         let owner = new_owner();
-        let claimed = sqlx::query(sql(&self.statements.claim))
+        let statement = if returning {
+            &self.statements.claim_returning
+        } else {
+            &self.statements.claim
+        };
+        let claimed = sqlx::query(sql(statement))
             .bind(key.scope())
             .bind(key.key())
             .bind(&owner)
             .bind(until)
             .bind(until)
             .bind(fingerprint.map(|f| f.as_bytes().as_slice()));
-        let claimed = (0..TAKEOVER_TESTS)
-            .fold(claimed, |query, _| query.bind(now))
+        let claimed = (0..TAKEOVER_TESTS).fold(claimed, |query, _| query.bind(now));
+
+        if returning {
+            let row = claimed
+                .fetch_one(&mut *connection)
+                .await
+                .map_err(|error| sql::claim_error::<MySql>(key, error))?;
+            let corrupt = |source: sqlx::Error| decode_error(key, source);
+            let holder: Vec<u8> = row.try_get("owner").map_err(corrupt)?;
+            if holder == owner.as_bytes() {
+                let fence = stored_fence(key, row.try_get("fence").map_err(corrupt)?)?;
+                return Ok(Some(Claim::Acquired(Lease::new(owner, fence, until))));
+            }
+            return found(key, &row)?.answer(key, now, fingerprint);
+        }
+
+        let claimed = claimed
             .execute(&mut *connection)
-            .await;
-        let claimed = claimed.map_err(|error| sql::claim_error::<MySql>(key, error))?;
+            .await
+            .map_err(|error| sql::claim_error::<MySql>(key, error))?;
         // `LAST_INSERT_ID(expr)` in the statement: 1 inserted, the new fence taken over, 0
         // changed nothing.
         match i64::try_from(claimed.last_insert_id()) {
@@ -189,6 +255,23 @@ impl MySqlStore {
     }
 }
 
+/// Whether a server whose `VERSION()` is `version` takes `INSERT … RETURNING`: MariaDB from
+/// 10.5 (`10.11.19-MariaDB-0+deb12u1`, `11.4.2-MariaDB`, or behind the `5.5.5-` some
+/// versions put first for old clients); MySQL (`8.0.36`) never.
+fn takes_returning(version: &str) -> bool {
+    if !version.contains("MariaDB") {
+        return false;
+    }
+    let version = version.strip_prefix("5.5.5-").unwrap_or(version);
+    let mut numbers = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>().ok());
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (10, 5),
+        _ => false,
+    }
+}
+
 /// The record a claim did not take.
 fn found(key: &RecordKey, row: &MySqlRow) -> Result<Found, Error> {
     let corrupt = |source: sqlx::Error| decode_error(key, source);
@@ -206,6 +289,25 @@ fn found(key: &RecordKey, row: &MySqlRow) -> Result<Found, Error> {
     })
 }
 
-sql::sql_store!(MySqlStore, MySql, MySqlPool);
+sql::sql_store!(MySqlStore, MySql, MySqlPool, returning: Arc::default());
 
 sql::insert_once_fn!(MySql);
+
+#[cfg(test)]
+mod tests {
+    use super::takes_returning;
+
+    #[test]
+    fn only_mariadb_from_10_5_returns_rows() {
+        assert!(takes_returning("10.11.19-MariaDB-0+deb12u1"));
+        assert!(takes_returning("10.5.0-MariaDB"));
+        assert!(takes_returning("11.4.2-MariaDB-log"));
+        // The prefix MariaDB 10 puts before its version in the handshake for old clients.
+        assert!(takes_returning("5.5.5-10.6.12-MariaDB"));
+        assert!(!takes_returning("10.4.32-MariaDB"));
+        assert!(!takes_returning("8.0.36"));
+        assert!(!takes_returning("8.4.0-commercial"));
+        assert!(!takes_returning("MariaDB"));
+        assert!(!takes_returning(""));
+    }
+}

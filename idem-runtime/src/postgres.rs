@@ -6,21 +6,28 @@
 //!
 //! # Statements and round trips
 //!
-//! * **claim** — one statement: `INSERT … ON CONFLICT (scope, business_key) DO UPDATE … WHERE
-//!   <lease or ttl passed> RETURNING fence` inserts the record, takes over a dead one (raising
-//!   the fence), or changes nothing; in the same statement a `UNION ALL` reads the record it
-//!   did not take. One round trip in every case but one: under `READ COMMITTED` the read sees
-//!   the statement's snapshot, so a record inserted by a concurrent claim that committed after
-//!   the statement began (the `INSERT` waited for it) is invisible to it. Then the statement
-//!   returns nothing and a plain read follows (a second round trip), and if the record is
-//!   gone by then the claim runs again.
+//! * **claim** — one statement. It first reads the record if it is live (completed and not
+//!   expired, or in progress within its lease); when there is one, it returns it and writes
+//!   nothing, so a duplicate neither locks the row nor gets a transaction id: a replay is a
+//!   read-only transaction, with no WAL flush at its commit. Otherwise, in the same statement,
+//!   `INSERT … ON CONFLICT (scope, business_key) DO UPDATE … WHERE <lease or ttl passed>
+//!   RETURNING fence` inserts the record or takes over the dead one (raising the fence). One
+//!   round trip in every case but one: under `READ COMMITTED` the statement sees the snapshot
+//!   taken when it began, so a record inserted or taken over by a concurrent claim that
+//!   committed after that (the `INSERT` waited for it) is invisible to its read and not taken
+//!   by its `INSERT`. Then the statement returns nothing and a plain read follows (a second
+//!   round trip), and if the record is gone by then the claim runs again. (A live record the
+//!   read returned may have been completed or released by a concurrent call since the
+//!   snapshot: the claim reports it as it was then, which is an answer the call could have
+//!   got a moment earlier — in progress, so the caller retries.)
 //! * **complete**, **release**, **extend** — one `UPDATE` each, conditional on the owner token,
 //!   the fence and the record still being in progress: zero rows is [`Error::LeaseLost`].
 //! * **purge_expired** — one `DELETE … WHERE ctid IN (SELECT ctid … WHERE expires_at <= now
 //!   LIMIT n FOR UPDATE SKIP LOCKED)`: bounded, and it never waits for a row another call is
 //!   changing.
 //!
-//! A new key therefore costs two round trips (claim, complete) and a replay one.
+//! A new key therefore costs two round trips (claim, complete), each its own commit, and a
+//! replay one round trip that writes nothing.
 //!
 //! # What survives a restart
 //!
@@ -67,10 +74,16 @@ impl Statements {
         Self {
             migrate: format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK});\n{schema}").into(),
             claim: format!(
-                "WITH claimed AS (
+                "WITH live AS (
+    SELECT fence, completed, lease_until, expires_at, fingerprint, result
+    FROM {table}
+    WHERE scope = $1 AND business_key = $2
+      AND CASE WHEN completed THEN expires_at > $6 ELSE lease_until > $6 END
+), claimed AS (
     INSERT INTO {table} AS r
         (scope, business_key, completed, owner, fence, lease_until, expires_at, fingerprint, result)
-    VALUES ($1, $2, FALSE, $3, 1, $4, $4, $5, NULL)
+    SELECT $1, $2, FALSE, $3, 1, $4, $4, $5, NULL
+    WHERE NOT EXISTS (SELECT FROM live)
     ON CONFLICT (scope, business_key) DO UPDATE SET
         completed = FALSE,
         owner = EXCLUDED.owner,
@@ -87,8 +100,7 @@ SELECT TRUE AS acquired, fence, NULL::BOOLEAN AS completed, NULL::BIGINT AS leas
 FROM claimed
 UNION ALL
 SELECT FALSE, fence, completed, lease_until, expires_at, fingerprint, result
-FROM {table}
-WHERE scope = $1 AND business_key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)"
+FROM live"
             )
             .into(),
             read: format!(

@@ -405,8 +405,9 @@ pub(crate) fn new_savepoint() -> String {
     format!("idem_{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Runs `statement` (a savepoint statement naming a savepoint from [`new_savepoint`]) on
-/// `connection`, in the text protocol: not every database prepares these.
+/// Runs `statement` (savepoint statements naming a savepoint from [`new_savepoint`], one or
+/// more separated by `;`) on `connection` in one round trip, in the text protocol: not every
+/// database prepares these.
 async fn savepoint<DB>(
     connection: &mut DB::Connection,
     statement: String,
@@ -457,10 +458,11 @@ where
     DB: Backend,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
-    let undone = async {
-        savepoint::<DB>(connection, format!("ROLLBACK TO SAVEPOINT {name}")).await?;
-        savepoint::<DB>(connection, format!("RELEASE SAVEPOINT {name}")).await
-    };
+    // Both statements in one round trip: the second runs only if the first succeeded.
+    let undone = savepoint::<DB>(
+        connection,
+        format!("ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}"),
+    );
     undone.await.map_err(|error| {
         store_error::<DB>(format!(
             "could not roll back to the savepoint of the claim ({error}); the transaction may \
@@ -644,10 +646,11 @@ fn fence_param(key: &RecordKey, lease: &Lease) -> Result<i64, Error> {
 /// [`Table`] operations.
 ///
 /// The store is a struct with the fields `table: Table<$db>` and `statements:
-/// Arc<Statements>`; its module defines `DEFAULT_TABLE`, `PURGE`, `Statements::new(table)` and
+/// Arc<Statements>`, and any further fields given as `name: initial value` after the pool
+/// type; its module defines `DEFAULT_TABLE`, `PURGE`, `Statements::new(table)` and
 /// `try_claim(&self, key, fingerprint, lease) -> Result<Option<Claim>, Error>`.
 macro_rules! sql_store {
-    ($store:ident, $db:ty, $pool:ty) => {
+    ($store:ident, $db:ty, $pool:ty $(, $field:ident: $init:expr)*) => {
         impl $store {
             /// A store on a pool the application already has. Run
             /// [`migrate`](Self::migrate) once before use (or apply [`SCHEMA`] with your own
@@ -656,6 +659,7 @@ macro_rules! sql_store {
                 Self {
                     table: $crate::sql::Table::new(pool, DEFAULT_TABLE, PURGE),
                     statements: ::std::sync::Arc::new(Statements::new(DEFAULT_TABLE)),
+                    $($field: $init,)*
                 }
             }
 
