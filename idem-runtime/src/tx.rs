@@ -27,14 +27,16 @@
 //! timeout around it fired): the claim would commit in progress, with the body's writes so
 //! far, and the redelivery after the lease would run the body again. Roll it back.
 //!
-//! On MySQL the claim sets the session's `LAST_INSERT_ID()` (that is how the store learns
-//! what its statement did): read the id of your own insert before the handler claims.
+//! On MySQL and MariaDB the claim sets the session's `LAST_INSERT_ID()` (on MySQL that is how
+//! the store learns what its statement did): read the id of your own insert before the handler
+//! claims.
 //!
 //! Isolation: on PostgreSQL run the transaction at `READ COMMITTED` (the default); at
 //! `REPEATABLE READ` or above, a claim that waited for a concurrent commit fails with a
-//! serialization error instead of replaying. MySQL / MariaDB work at their default
-//! `REPEATABLE READ` (the store reads the record with a locking read, which sees the latest
-//! commit). On SQLite, begin the transaction with `BEGIN IMMEDIATE` if it reads before the
+//! serialization error instead of replaying, and a claim can report a key as in progress when
+//! it completed after the transaction's snapshot. MySQL / MariaDB work at their default
+//! `REPEATABLE READ` (the claim locks the record, and it and the read that may follow it see
+//! the latest commit). On SQLite, begin the transaction with `BEGIN IMMEDIATE` if it reads before the
 //! handler runs, so that taking the write lock cannot fail.
 
 use std::future::Future;
