@@ -176,10 +176,12 @@ impl MySqlStore {
         if let Some(returning) = self.returning.get() {
             return Ok(*returning);
         }
-        let version: String = sqlx::query_scalar("SELECT VERSION()")
+        // As bytes: with a binary connection character set the server sends `VARBINARY`.
+        let version: Vec<u8> = sqlx::query_scalar("SELECT CAST(VERSION() AS BINARY)")
             .fetch_one(&mut *connection)
             .await
             .map_err(store_error::<MySql>)?;
+        let version = String::from_utf8_lossy(&version);
         Ok(*self.returning.get_or_init(|| takes_returning(&version)))
     }
 
