@@ -1,10 +1,9 @@
-//! Business keys, their scopes, and payload fingerprints.
+//! Business keys and their scopes.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::fmt::Write as _;
 
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::Error;
@@ -269,94 +268,9 @@ tuple_keys!(
     (A, B, C, D, E, F)
 );
 
-/// A SHA-256 digest of a payload, stored with a claim to tell a duplicate (same key, same
-/// payload) from a reused key (same key, another payload).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint([u8; 32]);
-
-impl Fingerprint {
-    /// Fingerprints any serializable value.
-    ///
-    /// The value is hashed in a canonical form: map entries are sorted by key, so a
-    /// `HashMap` in a message gives the same fingerprint in every process.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Encode`] if the value cannot be serialized.
-    pub fn of<T: Serialize + ?Sized>(value: &T) -> Result<Self, Error> {
-        let value = serde_json::to_value(value).map_err(|source| Error::Encode {
-            what: "payload for its fingerprint",
-            source,
-        })?;
-        let mut hasher = Sha256::new();
-        hash_canonical(&value, &mut hasher);
-        Ok(Self(hasher.finalize().into()))
-    }
-
-    /// A fingerprint from its 32 stored bytes.
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
-    }
-
-    /// The 32 bytes of the digest.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Fingerprint(")?;
-        for byte in &self.0[..8] {
-            write!(f, "{byte:02x}")?;
-        }
-        f.write_str("…)")
-    }
-}
-
-/// Feeds `value` to the hasher with a type tag and a length before every variable-length part,
-/// so that distinct values can never produce the same byte stream.
-fn hash_canonical(value: &serde_json::Value, hasher: &mut Sha256) {
-    use serde_json::Value;
-    fn bytes(hasher: &mut Sha256, data: &[u8]) {
-        hasher.update((data.len() as u64).to_le_bytes());
-        hasher.update(data);
-    }
-    match value {
-        Value::Null => hasher.update(b"n"),
-        Value::Bool(b) => hasher.update(if *b { b"t" } else { b"f" }),
-        Value::Number(n) => {
-            hasher.update(b"#");
-            bytes(hasher, n.to_string().as_bytes());
-        }
-        Value::String(s) => {
-            hasher.update(b"s");
-            bytes(hasher, s.as_bytes());
-        }
-        Value::Array(items) => {
-            hasher.update(b"[");
-            hasher.update((items.len() as u64).to_le_bytes());
-            for item in items {
-                hash_canonical(item, hasher);
-            }
-        }
-        Value::Object(map) => {
-            hasher.update(b"{");
-            hasher.update((map.len() as u64).to_le_bytes());
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            for (key, item) in entries {
-                bytes(hasher, key.as_bytes());
-                hash_canonical(item, hasher);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn text<K: IdempotencyKey>(key: K) -> String {
         let mut out = String::new();
@@ -417,26 +331,5 @@ mod tests {
             Err(Error::EmptyKey { .. })
         ));
         assert!(matches!(RecordKey::new("", "k"), Err(Error::EmptyScope)));
-    }
-
-    #[test]
-    fn fingerprints_are_canonical_and_tell_payloads_apart() {
-        let mut a = HashMap::new();
-        let mut b = HashMap::new();
-        for i in 0..64 {
-            a.insert(format!("k{i}"), i);
-        }
-        for i in (0..64).rev() {
-            b.insert(format!("k{i}"), i);
-        }
-        assert_eq!(Fingerprint::of(&a).unwrap(), Fingerprint::of(&b).unwrap());
-        assert_ne!(
-            Fingerprint::of(&("ab", "c")).unwrap(),
-            Fingerprint::of(&("a", "bc")).unwrap()
-        );
-        assert_ne!(
-            Fingerprint::of(&None::<u8>).unwrap(),
-            Fingerprint::of(&0).unwrap()
-        );
     }
 }

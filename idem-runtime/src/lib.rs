@@ -91,6 +91,7 @@
 pub mod cache;
 pub mod clock;
 mod error;
+mod fingerprint;
 mod handler;
 #[cfg(feature = "axum")]
 pub mod http;
@@ -129,8 +130,9 @@ pub mod version;
 pub mod __private;
 
 pub use error::{BoxError, Error, StoreError};
+pub use fingerprint::Fingerprint;
 pub use handler::{Policy, run};
-pub use key::{Fingerprint, HASHED_PREFIX, IdempotencyKey, MAX_KEY_BYTES, RecordKey};
+pub use key::{HASHED_PREFIX, IdempotencyKey, MAX_KEY_BYTES, RecordKey};
 pub use memory::MemoryStore;
 pub use store::{Claim, Lease, Store};
 pub use sweeper::Sweeper;
