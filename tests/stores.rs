@@ -317,6 +317,57 @@ async fn records_survive_reopening_the_file() {
     );
 }
 
+/// A replay, and a duplicate of a key in progress, answer while another connection holds the
+/// database's write lock: the claim reads a live record before it writes anything, so it
+/// neither waits for the writer nor fails with "database is locked" when the busy timeout
+/// runs out. A new key does need the lock, and gets it once the writer is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replays_do_not_wait_for_a_writer() {
+    use sqlx::Connection;
+    let file = TempDb::new("writer");
+    let store = SqliteStore::connect(&file.url())
+        .await
+        .expect("open a new database file");
+    store.migrate().await.expect("migrate");
+    let done = completed_key(&store, "done", None).await;
+    let busy = key("busy");
+    let Claim::Acquired(_) = store.claim(&busy, None, LEASE).await.expect("claim") else {
+        panic!("a new key is acquired");
+    };
+
+    // Another connection takes the write lock and keeps it.
+    let mut writer = sqlx::SqliteConnection::connect(&file.url())
+        .await
+        .expect("a second connection");
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut writer)
+        .await
+        .expect("take the write lock");
+
+    // Far below the store's 5 s busy timeout: the claims must not wait for the lock at all.
+    let bound = Duration::from_secs(3);
+    let replay = tokio::time::timeout(bound, store.claim(&done, None, LEASE))
+        .await
+        .expect("a replay waited for the writer");
+    assert_eq!(replay.expect("replay"), Claim::Completed(STORED.to_vec()));
+    let held = tokio::time::timeout(bound, store.claim(&busy, None, LEASE))
+        .await
+        .expect("a duplicate of a key in progress waited for the writer");
+    assert!(matches!(held, Ok(Claim::InProgress { .. })), "{held:?}");
+
+    // A new key waits for the lock; it gets it when the writer commits.
+    let new = tokio::spawn({
+        let store = store.clone();
+        async move { store.claim(&key("new"), None, LEASE).await }
+    });
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut writer)
+        .await
+        .expect("release the write lock");
+    let new = new.await.expect("the claim task");
+    assert!(matches!(new, Ok(Claim::Acquired(_))), "{new:?}");
+}
+
 /// The store hands stored bytes back as they are: decoding them is the handler's job, and
 /// there garbage becomes `Error::Decode` without running the body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -255,6 +255,17 @@ impl MySqlStore {
         };
         found(key, &row)?.answer(key, now, fingerprint)
     }
+
+    /// A claim that is a transaction of its own: the same statement as in a transaction.
+    async fn claim_alone(
+        &self,
+        connection: &mut sqlx::MySqlConnection,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Option<Claim>, Error> {
+        self.try_claim(connection, key, fingerprint, lease).await
+    }
 }
 
 /// Whether a server whose `VERSION()` is `version` takes `INSERT … RETURNING`: MariaDB from

@@ -193,6 +193,17 @@ impl PostgresStore {
         }
         found(key, &row)?.answer(key, now, fingerprint)
     }
+
+    /// A claim that is a transaction of its own: the same statement as in a transaction.
+    async fn claim_alone(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Option<Claim>, Error> {
+        self.try_claim(connection, key, fingerprint, lease).await
+    }
 }
 
 /// The record a claim did not take.

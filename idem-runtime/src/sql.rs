@@ -647,8 +647,10 @@ fn fence_param(key: &RecordKey, lease: &Lease) -> Result<i64, Error> {
 ///
 /// The store is a struct with the fields `table: Table<$db>` and `statements:
 /// Arc<Statements>`, and any further fields given as `name: initial value` after the pool
-/// type; its module defines `DEFAULT_TABLE`, `PURGE`, `Statements::new(table)` and
-/// `try_claim(&self, key, fingerprint, lease) -> Result<Option<Claim>, Error>`.
+/// type; its module defines `DEFAULT_TABLE`, `PURGE`, `Statements::new(table)`, and
+/// `try_claim` (a claim in a transaction) and `claim_alone` (a claim that is a transaction of
+/// its own), both `(&self, connection, key, fingerprint, lease) -> Result<Option<Claim>,
+/// Error>`.
 macro_rules! sql_store {
     ($store:ident, $db:ty, $pool:ty $(, $field:ident: $init:expr)*) => {
         impl $store {
@@ -753,7 +755,7 @@ macro_rules! sql_store {
                         .acquire()
                         .await
                         .map_err($crate::sql::store_error::<$db>)?;
-                    self.try_claim(&mut connection, key, fingerprint, lease)
+                    self.claim_alone(&mut connection, key, fingerprint, lease)
                         .await
                 })
                 .await

@@ -1,11 +1,15 @@
 //! A store in a SQLite database, over sqlx.
 //!
 //! One table, `idem_records` (see `sql/sqlite.sql` in the crate, or run
-//! [`SqliteStore::migrate`]). The claim is a single `INSERT … ON CONFLICT … DO UPDATE … WHERE
-//! <expired or released> RETURNING fence` statement: it either inserts the record, takes over
-//! an expired one, or changes nothing, atomically. Only when it changed nothing does a second
-//! statement read what holds the key. `complete`, `release` and `extend` are one `UPDATE` each,
-//! conditional on the owner and the fence.
+//! [`SqliteStore::migrate`]). The claim reads the record first: a live one (completed, or in
+//! progress within its lease) answers at once, without taking the database's write lock, so
+//! a replay is one read that neither waits for writers nor holds them up. Otherwise a single
+//! `INSERT … ON CONFLICT … DO UPDATE … WHERE <expired or released> RETURNING fence` statement
+//! inserts the record or takes over an expired one, atomically; only when it changed nothing
+//! (another call claimed the key in between) does a read follow to say what holds the key. A
+//! new key costs a read, the claim statement and the completion. In a transaction
+//! ([`tx`](crate::tx)) the claim statement goes first, without the read. `complete`,
+//! `release` and `extend` are one `UPDATE` each, conditional on the owner and the fence.
 //!
 //! A file database survives a restart and can be shared by the processes of one host (use
 //! WAL, which [`SqliteStore::connect`] turns on). An in-memory database
@@ -173,6 +177,40 @@ impl SqliteStore {
             return Ok(Some(Claim::Acquired(Lease::new(owner, fence, until))));
         }
 
+        match self.read(&mut *connection, key).await? {
+            Some(found) => found.answer(key, now, fingerprint),
+            None => Ok(None), // purged since: claim again
+        }
+    }
+
+    /// A claim that is a transaction of its own ([`Store::claim`](crate::Store::claim)): it
+    /// reads first, and a live record (completed, or in progress within its lease) answers
+    /// without taking the database's write lock, so replays neither wait for writers nor
+    /// hold them up. Otherwise it claims as [`try_claim`](Self::try_claim) does. (In a
+    /// transaction the claim statement goes first: a deferred transaction that reads and then
+    /// writes can fail to take the write lock.)
+    async fn claim_alone(
+        &self,
+        connection: &mut sqlx::SqliteConnection,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+    ) -> Result<Option<Claim>, Error> {
+        let now = self.table.clock.now_millis();
+        if let Some(found) = self.read(&mut *connection, key).await? {
+            if let Some(claim) = found.answer(key, now, fingerprint)? {
+                return Ok(Some(claim));
+            }
+        }
+        self.try_claim(connection, key, fingerprint, lease).await
+    }
+
+    /// The record of `key`, if there is one.
+    async fn read(
+        &self,
+        connection: &mut sqlx::SqliteConnection,
+        key: &RecordKey,
+    ) -> Result<Option<Found>, Error> {
         let Some(row) = sqlx::query(sql(&self.statements.read))
             .bind(key.scope())
             .bind(key.key())
@@ -180,7 +218,7 @@ impl SqliteStore {
             .await
             .map_err(store_error::<Sqlite>)?
         else {
-            return Ok(None); // purged since: claim again
+            return Ok(None);
         };
         let corrupt = |source: sqlx::Error| decode_error(key, source);
         let completed = match row.try_get::<i64, _>(0).map_err(corrupt)? {
@@ -188,14 +226,13 @@ impl SqliteStore {
             1 => true,
             other => return Err(decode_error(key, format!("`completed` is {other}"))),
         };
-        Found {
+        Ok(Some(Found {
             completed,
             lease_until: row.try_get(1).map_err(corrupt)?,
             expires_at: row.try_get(2).map_err(corrupt)?,
             fingerprint: row.try_get(3).map_err(corrupt)?,
             result: row.try_get(4).map_err(corrupt)?,
-        }
-        .answer(key, now, fingerprint)
+        }))
     }
 }
 
