@@ -197,10 +197,10 @@ impl SqliteStore {
         lease: Duration,
     ) -> Result<Option<Claim>, Error> {
         let now = self.table.clock.now_millis();
-        if let Some(found) = self.read(&mut *connection, key).await? {
-            if let Some(claim) = found.answer(key, now, fingerprint)? {
-                return Ok(Some(claim));
-            }
+        if let Some(found) = self.read(&mut *connection, key).await?
+            && let Some(claim) = found.answer(key, now, fingerprint)?
+        {
+            return Ok(Some(claim));
         }
         self.try_claim(connection, key, fingerprint, lease).await
     }
