@@ -90,16 +90,16 @@ def main():
                 print(f"| {s} | {p} | {fmt_time(v)} | {fmt_ops(v)} |")
 
     print("\n### Variants of the handler, one task\n")
-    print("| store | new key | without fingerprint | no checkout ping | replay | replay, no checkout ping |")
-    print("|---|---|---|---|---|---|")
+    print("| store | new key | without fingerprint | no checkout ping | replay | replay, no checkout ping | replay through `CachedStore` |")
+    print("|---|---|---|---|---|---|---|")
     for s in STORES:
-        print(f"| {s} | {fmt_time(get(f'{s}/new_key/idem'))} | {fmt_time(get(f'{s}/new_key/idem_no_fingerprint'))} | {fmt_time(get(f'{s}/new_key/idem_no_checkout_ping'))} | {fmt_time(get(f'{s}/replay/idem'))} | {fmt_time(get(f'{s}/replay/idem_no_checkout_ping'))} |")
+        print(f"| {s} | {fmt_time(get(f'{s}/new_key/idem'))} | {fmt_time(get(f'{s}/new_key/idem_no_fingerprint'))} | {fmt_time(get(f'{s}/new_key/idem_no_checkout_ping'))} | {fmt_time(get(f'{s}/replay/idem'))} | {fmt_time(get(f'{s}/replay/idem_no_checkout_ping'))} | {fmt_time(get(f'{s}/replay/idem_cached'))} |")
 
     print("\n### Concurrency: operations per second of all tasks together\n")
     print("| store | work | 1 task | 8 tasks | 64 tasks | 64 / 1 |")
     print("|---|---|---|---|---|---|")
     for s in STORES:
-        for op, who in (("new_key", "idem"), ("new_key", "hand_written"), ("new_key", "peer"), ("replay", "idem"), ("replay", "peer")):
+        for op, who in (("new_key", "idem"), ("new_key", "hand_written"), ("new_key", "peer"), ("replay", "idem"), ("replay", "idem_cached"), ("replay", "peer")):
             one = get(f"{s}/{op}/{who}")
             if one is None:
                 continue
