@@ -882,6 +882,119 @@ async fn key_of_the_wrong_type_is_a_decode_error() {
     );
 }
 
+/// A hash under a record's key that holds none of the record's fields is not taken for a free
+/// key (the scripts tell "no key" from "no `completed` field"): a decode error for every
+/// operation, and the hash is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hash_without_record_fields_is_a_decode_error() {
+    let Some(mut connection) = multiplexed().await else {
+        return;
+    };
+    let store = redis_server::store(connection.clone(), ManualClock::new(START_MILLIS));
+    let key = key("foreign-hash");
+    let lease = acquire(&store, &key, None).await;
+    let redis_key = store.store.redis_key(&key);
+    command::<()>(&mut connection, &[b"DEL", redis_key.as_bytes()]).await;
+    command::<()>(
+        &mut connection,
+        &[b"HSET", redis_key.as_bytes(), b"theirs", b"1"],
+    )
+    .await;
+    let before = fields(&mut connection, &redis_key).await;
+
+    let what = "a hash without the record's fields";
+    assert_decode_error(
+        store.claim(&key, None, LEASE).await,
+        &key,
+        "completed",
+        what,
+    );
+    let done = store.complete(&key, &lease, STORED, TTL).await;
+    assert_decode_error(done, &key, "completed", what);
+    assert_decode_error(store.release(&key, &lease).await, &key, "completed", what);
+    let extended = store.extend(&key, &lease, LEASE).await;
+    assert_decode_error(extended, &key, "completed", what);
+    assert_eq!(fields(&mut connection, &redis_key).await, before);
+}
+
+/// Forwards every command, but sends the first `EVALSHA` with the SHA-1 of no script: the
+/// server answers `NOSCRIPT`, as one that never saw the script (restarted, flushed, a promoted
+/// replica) would. Records the name of every command it sent.
+#[derive(Clone)]
+struct UnknownScriptOnce {
+    inner: MultiplexedConnection,
+    forged: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ConnectionLike for UnknownScriptOnce {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        let args: Vec<&[u8]> = cmd
+            .args_iter()
+            .filter_map(|arg| match arg {
+                redis::Arg::Simple(arg) => Some(arg),
+                _ => None,
+            })
+            .collect();
+        let name = String::from_utf8_lossy(args[0]).to_uppercase();
+        self.sent
+            .lock()
+            .expect("the log of commands")
+            .push(name.clone());
+        if name == "EVALSHA" && !self.forged.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let mut forged = redis::cmd("EVALSHA");
+            forged.arg("0".repeat(40));
+            for arg in &args[2..] {
+                forged.arg(*arg);
+            }
+            return Box::pin(async move { self.inner.req_packed_command(&forged).await });
+        }
+        self.inner.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.inner.req_packed_commands(cmd, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+/// A server that does not know the script answers `NOSCRIPT`: the store loads the script with
+/// `SCRIPT LOAD` on the same connection, sends the operation again, and it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_script_is_loaded_and_sent_again() {
+    let Some(connection) = multiplexed().await else {
+        return;
+    };
+    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let connection = UnknownScriptOnce {
+        inner: connection,
+        forged: Arc::default(),
+        sent: Arc::clone(&sent),
+    };
+    let store = redis_server::store(connection, ManualClock::new(START_MILLIS));
+    let (key, _) = completed_key(&store, "noscript", None).await;
+    assert_eq!(
+        *sent.lock().expect("the log of commands"),
+        ["EVALSHA", "SCRIPT", "EVALSHA", "EVALSHA"],
+        "claim: NOSCRIPT, load, again; complete"
+    );
+    assert_eq!(
+        store.claim(&key, None, LEASE).await.expect("replay"),
+        Claim::Completed(STORED.to_vec())
+    );
+}
+
 /// A stored fingerprint of the wrong length is a decode error when a claim compares it; a
 /// claim without a fingerprint does not read it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -47,6 +47,13 @@
 //!   honest in tests. `SCAN` visits the node the connection talks to only, and a script may
 //!   touch one slot only in Redis Cluster: there, leave expiry to Redis and run no sweeper.
 //!
+//! Inside Redis, a claim asks `EXISTS` first: a new key then costs one `HSET` of the whole
+//! record and a `PEXPIRE`, and a key that exists one `HMGET` of its seven fields (a replay, or
+//! a claim of a key in progress, is these two calls). Complete, release and extend read with
+//! the `HMGET` alone (an `EXISTS` follows only when `completed` is missing, to tell a missing
+//! key from a hash without it); a completion then writes one `HSET` and a `PEXPIRE`. Every
+//! field is checked on every read (below).
+//!
 //! A record is gone once Redis expires it. The next claim then starts again at fence 1, and a
 //! holder that outlived its lease by more than [`IN_PROGRESS_GRACE`] can no longer complete
 //! ([`Error::LeaseLost`]), as after a purge in the SQL stores: its result is not recorded and
@@ -79,12 +86,12 @@
 //! noeviction`, and no automatic failover to an asynchronous replica**. Otherwise treat a Redis
 //! restart or failover as a window in which duplicates run again.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::{RedisError, Script, Value};
+use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, Value};
 
 use crate::clock::{self, Clock, SystemClock};
 use crate::name;
@@ -113,7 +120,14 @@ pub const IN_PROGRESS_GRACE: Duration = Duration::from_secs(10 * 60);
 const SCAN_COUNT: u32 = 1000;
 
 /// Shared by every script: strict integer parsing and reading a record with its checks.
+///
+/// Every `redis.call` costs the server more than its command: its arguments and its reply are
+/// converted between Lua and Redis, so an `HMGET` of seven fields costs several times an
+/// `EXISTS`, even on a missing key. So `load` asks the cheapest question first: `EXISTS` for a
+/// claim, which usually finds a new key; the `HMGET` alone for the holder's operations.
 const PRELUDE: &str = r"
+-- A stored integer: optional '-', then decimal digits, at most 16 bytes, exact as a Lua
+-- number (|n| < 2^53); anything else is nil.
 local function int(v)
   if type(v) == 'string' and #v <= 16 and string.find(v, '^%-?%d+$') then
     local n = tonumber(v)
@@ -128,14 +142,20 @@ local function show(v)
 end
 
 -- The record at `key`: nil if there is none, or nil and why it does not decode.
-local function load(key)
-  local kind = redis.call('TYPE', key)['ok']
-  if kind == 'none' then return nil end
-  if kind ~= 'hash' then
-    return nil, 'WRONGTYPE: the key holds a ' .. kind .. ', not a hash'
-  end
-  local f = redis.call('HMGET', key,
+-- One HMGET reads every field; on a key of another type it fails with WRONGTYPE (caught by
+-- pcall; any other error is raised as it is). `maybe_new` (a claim): EXISTS first, so that a
+-- new key costs no HMGET. Otherwise (complete, release, extend: the holder's record is
+-- there) HMGET first, and EXISTS only when `completed` is missing, to tell no key from a
+-- hash without it.
+local function load(key, maybe_new)
+  if maybe_new and redis.call('EXISTS', key) == 0 then return nil end
+  local f = redis.pcall('HMGET', key,
     'completed', 'owner', 'fence', 'lease_until', 'expires_at', 'fingerprint', 'result')
+  if f.err then
+    if not string.find(f.err, '^WRONGTYPE') then error(f) end
+    return nil, 'WRONGTYPE: the key holds a ' .. redis.call('TYPE', key)['ok'] .. ', not a hash'
+  end
+  if not f[1] and not maybe_new and redis.call('EXISTS', key) == 0 then return nil end
   local r = {
     completed = f[1], owner = f[2], fence = int(f[3]), lease_until = f[4],
     expires_at = f[5], fingerprint = f[6], result = f[7],
@@ -155,15 +175,16 @@ local function load(key)
 end
 
 -- Whether the record belongs to the lease (owner ARGV[1], fence ARGV[2]) and is in progress.
+-- ARGV[2] is the store's own decimal u64; a fence of 2^53 or more never equals a stored one.
 local function held(r)
-  return r and r.completed == '0' and r.owner == ARGV[1] and r.fence == int(ARGV[2])
+  return r and r.completed == '0' and r.owner == ARGV[1] and r.fence == tonumber(ARGV[2])
 end
 ";
 
 /// KEYS: record. ARGV: now, owner, until, px, fingerprint or ''.
 const CLAIM: &str = r"
 local key, now = KEYS[1], tonumber(ARGV[1])
-local r, err = load(key)
+local r, err = load(key, true)
 if err then return {'corrupt', err} end
 local fence = 1
 if r then
@@ -183,9 +204,15 @@ if r then
   fence = r.fence + 1
   redis.call('DEL', key)
 end
-redis.call('HSET', key, 'completed', '0', 'owner', ARGV[2], 'fence', string.format('%d', fence),
-  'lease_until', ARGV[3], 'expires_at', ARGV[3])
-if ARGV[5] ~= '' then redis.call('HSET', key, 'fingerprint', ARGV[5]) end
+-- The whole record in one HSET (`%d`: a Lua number as an argument would be written `%.14g`).
+local fence_text = fence == 1 and '1' or string.format('%d', fence)
+if ARGV[5] == '' then
+  redis.call('HSET', key, 'completed', '0', 'owner', ARGV[2], 'fence', fence_text,
+    'lease_until', ARGV[3], 'expires_at', ARGV[3])
+else
+  redis.call('HSET', key, 'completed', '0', 'owner', ARGV[2], 'fence', fence_text,
+    'lease_until', ARGV[3], 'expires_at', ARGV[3], 'fingerprint', ARGV[5])
+end
 redis.call('PEXPIRE', key, ARGV[4])
 return {'acquired', fence}
 ";
@@ -368,21 +395,25 @@ where
         record_key(&self.prefix, key)
     }
 
+    /// Sends `cmd` (an [`evalsha`] of `script`), loading the script on `NOSCRIPT` and sending
+    /// it again; a reply `{'corrupt', why}` is [`Error::Decode`].
     async fn invoke(
         &self,
         key: &RecordKey,
         script: &Script,
-        args: &[&[u8]],
+        cmd: &Cmd,
     ) -> Result<Vec<Value>, Error> {
-        let mut invocation = script.key(self.redis_key(key));
-        for arg in args {
-            invocation.arg(*arg);
-        }
         let mut connection = self.connection.clone();
-        let reply: Value = invocation
-            .invoke_async(&mut connection)
-            .await
-            .map_err(|error| redis_error(key, error))?;
+        let mut reply = cmd.query_async::<Value>(&mut connection).await;
+        if matches!(&reply, Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
+        {
+            script
+                .load_async(&mut connection)
+                .await
+                .map_err(|error| redis_error(key, error))?;
+            reply = cmd.query_async(&mut connection).await;
+        }
+        let reply = reply.map_err(|error| redis_error(key, error))?;
         let Value::Array(items) = reply else {
             return Err(store_error(format!("unexpected script reply {reply:?}")));
         };
@@ -393,18 +424,23 @@ where
         Ok(items)
     }
 
-    /// Runs `script` (complete, release or extend) with `owner`, `fence` and `rest`.
+    /// An [`evalsha`] of `script` (complete, release or extend) on `key`'s record with the
+    /// lease's owner and fence as its first arguments; the caller adds the rest.
+    fn held_cmd(&self, key: &RecordKey, lease: &Lease, script: &Script) -> Cmd {
+        let mut cmd = evalsha(script, &self.redis_key(key));
+        cmd.arg(lease.owner()).arg(lease.fence());
+        cmd
+    }
+
+    /// Sends `cmd` from [`held_cmd`](Self::held_cmd): `done`, or the lease is lost.
     async fn update_held(
         &self,
         key: &RecordKey,
         lease: &Lease,
         script: &Script,
-        rest: &[&[u8]],
+        cmd: &Cmd,
     ) -> Result<(), Error> {
-        let fence = lease.fence().to_string();
-        let mut args: Vec<&[u8]> = vec![lease.owner().as_bytes(), fence.as_bytes()];
-        args.extend_from_slice(rest);
-        let reply = self.invoke(key, script, &args).await?;
+        let reply = self.invoke(key, script, cmd).await?;
         if tag(&reply) == Some(b"done".as_slice()) {
             Ok(())
         } else if tag(&reply) == Some(b"lost".as_slice()) {
@@ -428,28 +464,24 @@ where
         let now = self.clock.now_millis();
         let until = deadline(now, lease);
         let owner = new_owner();
-        let reply = self
-            .invoke(
-                key,
-                &SCRIPTS.claim,
-                &[
-                    now.to_string().as_bytes(),
-                    owner.as_bytes(),
-                    until.to_string().as_bytes(),
-                    held_pexpire(now, until).to_string().as_bytes(),
-                    fingerprint.map_or(&[][..], |f| f.as_bytes().as_slice()),
-                ],
-            )
-            .await?;
+        let script = &SCRIPTS.claim;
+        let mut cmd = evalsha(script, &self.redis_key(key));
+        cmd.arg(now)
+            .arg(owner.as_str())
+            .arg(until)
+            .arg(held_pexpire(now, until))
+            .arg(fingerprint.map_or(&[][..], |f| f.as_bytes().as_slice()));
+        let mut reply = self.invoke(key, script, &cmd).await?;
         match (tag(&reply), reply.get(1)) {
             (Some(b"acquired"), Some(Value::Int(fence))) => {
                 let fence = u64::try_from(*fence)
                     .map_err(|_| decode_error(key, format!("`fence` is {fence}")))?;
                 Ok(Claim::Acquired(Lease::new(owner, fence, until)))
             }
-            (Some(b"completed"), Some(Value::BulkString(result))) => {
-                Ok(Claim::Completed(result.clone()))
-            }
+            (Some(b"completed"), Some(Value::BulkString(_))) => match reply.swap_remove(1) {
+                Value::BulkString(result) => Ok(Claim::Completed(result)),
+                _ => unreachable!("the result was matched as a bulk string"),
+            },
             (Some(b"in_progress"), Some(lease_until)) => {
                 let lease_until = text(lease_until)
                     .and_then(|text| text.parse::<i64>().ok())
@@ -472,23 +504,20 @@ where
     ) -> Result<(), Error> {
         let now = self.clock.now_millis();
         let expires_at = deadline(now, ttl);
-        self.update_held(
-            key,
-            lease,
-            &SCRIPTS.complete,
-            &[
-                result,
-                expires_at.to_string().as_bytes(),
-                pexpire(now, expires_at).to_string().as_bytes(),
-            ],
-        )
-        .await
+        let script = &SCRIPTS.complete;
+        let mut cmd = self.held_cmd(key, lease, script);
+        cmd.arg(result)
+            .arg(expires_at)
+            .arg(pexpire(now, expires_at));
+        self.update_held(key, lease, script, &cmd).await
     }
 
     async fn release(&self, key: &RecordKey, lease: &Lease) -> Result<(), Error> {
         let now = self.clock.now_millis().min(MAX_MILLIS);
-        self.update_held(key, lease, &SCRIPTS.release, &[now.to_string().as_bytes()])
-            .await
+        let script = &SCRIPTS.release;
+        let mut cmd = self.held_cmd(key, lease, script);
+        cmd.arg(now);
+        self.update_held(key, lease, script, &cmd).await
     }
 
     async fn extend(
@@ -499,16 +528,10 @@ where
     ) -> Result<Lease, Error> {
         let now = self.clock.now_millis();
         let until = deadline(now, duration);
-        self.update_held(
-            key,
-            lease,
-            &SCRIPTS.extend,
-            &[
-                until.to_string().as_bytes(),
-                held_pexpire(now, until).to_string().as_bytes(),
-            ],
-        )
-        .await?;
+        let script = &SCRIPTS.extend;
+        let mut cmd = self.held_cmd(key, lease, script);
+        cmd.arg(until).arg(held_pexpire(now, until));
+        self.update_held(key, lease, script, &cmd).await?;
         Ok(Lease::new(lease.owner().to_owned(), lease.fence(), until))
     }
 
@@ -550,26 +573,43 @@ where
     }
 }
 
+/// `EVALSHA <sha1 of script> 1 <redis_key>`: the caller adds the script's `ARGV`. Sent as is
+/// (numbers written straight into the command), with no intermediate `ScriptInvocation`.
+fn evalsha(script: &Script, redis_key: &str) -> Cmd {
+    let mut cmd = Cmd::with_capacity(10, 128 + redis_key.len());
+    cmd.arg("EVALSHA")
+        .arg(script.get_hash())
+        .arg(1)
+        .arg(redis_key);
+    cmd
+}
+
 /// `<prefix>:{<n>:<scope>:<key>}` with `%`, `{`, `}` percent-encoded in scope and key.
 fn record_key(prefix: &str, key: &RecordKey) -> String {
+    fn escaped(c: char) -> Option<&'static str> {
+        match c {
+            '%' => Some("%25"),
+            '{' => Some("%7B"),
+            '}' => Some("%7D"),
+            _ => None,
+        }
+    }
     fn encode(part: &str, out: &mut String) {
         for c in part.chars() {
-            match c {
-                '%' => out.push_str("%25"),
-                '{' => out.push_str("%7B"),
-                '}' => out.push_str("%7D"),
-                c => out.push(c),
+            match escaped(c) {
+                Some(code) => out.push_str(code),
+                None => out.push(c),
             }
         }
     }
-    let mut scope = String::with_capacity(key.scope().len());
-    encode(key.scope(), &mut scope);
-    let mut out = String::with_capacity(prefix.len() + scope.len() + key.key().len() + 8);
+    // Each escape turns one byte into three.
+    let escapes = |part: &str| part.chars().filter(|&c| escaped(c).is_some()).count();
+    let scope_len = key.scope().len() + 2 * escapes(key.scope());
+    let mut out = String::with_capacity(prefix.len() + scope_len + key.key().len() + 24);
     out.push_str(prefix);
     out.push_str(":{");
-    out.push_str(&scope.len().to_string());
-    out.push(':');
-    out.push_str(&scope);
+    let _ = write!(out, "{scope_len}:");
+    encode(key.scope(), &mut out);
     out.push(':');
     encode(key.key(), &mut out);
     out.push('}');
