@@ -221,11 +221,13 @@ pub mod hand_sql {
     /// The database a [`HandSql`] runs on.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Dialect {
-        /// PostgreSQL: one claim statement that also reads a record it did not take.
+        /// PostgreSQL: one claim statement that reads a live record first and writes only
+        /// when there is none.
         Postgres,
-        /// MySQL / MariaDB: `INSERT … ON DUPLICATE KEY UPDATE` and `LAST_INSERT_ID`, then a read.
+        /// MariaDB: `INSERT … ON DUPLICATE KEY UPDATE … RETURNING` the record it leaves.
         MySql,
-        /// SQLite: `INSERT … ON CONFLICT … RETURNING fence`, then a read.
+        /// SQLite: a read, then (for a key that is not live) `INSERT … ON CONFLICT …
+        /// RETURNING fence`.
         Sqlite,
     }
 
@@ -234,7 +236,7 @@ pub mod hand_sql {
     pub struct Statements {
         /// The claim.
         pub claim: Arc<str>,
-        /// The read after a claim that changed nothing (MySQL, SQLite).
+        /// The read of a record (SQLite reads first).
         pub read: Arc<str>,
         /// The completion.
         pub complete: Arc<str>,
@@ -249,10 +251,16 @@ pub mod hand_sql {
             match dialect {
                 Dialect::Postgres => Self {
                     claim: format!(
-                        "WITH claimed AS (
+                        "WITH live AS (
+    SELECT fence, completed, lease_until, expires_at, fingerprint, result
+    FROM {table}
+    WHERE scope = $1 AND business_key = $2
+      AND CASE WHEN completed THEN expires_at > $6 ELSE lease_until > $6 END
+), claimed AS (
     INSERT INTO {table} AS r
         (scope, business_key, completed, owner, fence, lease_until, expires_at, fingerprint, result)
-    VALUES ($1, $2, FALSE, $3, 1, $4, $4, $5, NULL)
+    SELECT $1, $2, FALSE, $3, 1, $4, $4, $5, NULL
+    WHERE NOT EXISTS (SELECT FROM live)
     ON CONFLICT (scope, business_key) DO UPDATE SET
         completed = FALSE,
         owner = EXCLUDED.owner,
@@ -269,8 +277,7 @@ SELECT TRUE AS acquired, fence, NULL::BOOLEAN AS completed, NULL::BIGINT AS leas
 FROM claimed
 UNION ALL
 SELECT FALSE, fence, completed, lease_until, expires_at, fingerprint, result
-FROM {table}
-WHERE scope = $1 AND business_key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)"
+FROM live"
                     )
                     .into(),
                     read: format!(
@@ -295,7 +302,8 @@ ON DUPLICATE KEY UPDATE
     lease_until = IF({{TAKEOVER}}, VALUES(lease_until), lease_until),
     expires_at = IF({{TAKEOVER}}, VALUES(expires_at), expires_at),
     fingerprint = IF({{TAKEOVER}}, VALUES(fingerprint), fingerprint),
-    result = IF({{TAKEOVER}}, NULL, result)"
+    result = IF({{TAKEOVER}}, NULL, result)
+RETURNING owner, fence, completed, lease_until, expires_at, fingerprint, result"
                     )
                     .replace("{TAKEOVER}", MYSQL_TAKEOVER)
                     .into(),
@@ -462,18 +470,13 @@ FROM {table} WHERE scope = ?1 AND business_key = ?2"
             for _ in 0..7 {
                 query = query.bind(now);
             }
-            let done = query.execute(&mut *connection).await?;
-            if done.last_insert_id() > 0 {
+            let row = query.fetch_one(&mut *connection).await?;
+            if row.try_get::<Vec<u8>, _>("owner")? == owner.as_bytes() {
                 return Ok(Claimed::Acquired {
                     owner,
-                    fence: done.last_insert_id() as i64,
+                    fence: row.try_get("fence")?,
                 });
             }
-            let row = sqlx::query(AssertSqlSafe(self.statements.read.clone()))
-                .bind(SCOPE)
-                .bind(key)
-                .fetch_one(&mut *connection)
-                .await?;
             Ok(Claimed::Completed(row.try_get("result")?))
         }
     }
@@ -483,6 +486,14 @@ FROM {table} WHERE scope = ?1 AND business_key = ?2"
             let now = now_millis();
             let owner = owner();
             let mut connection = self.pool.acquire().await?;
+            let found = sqlx::query(AssertSqlSafe(self.statements.read.clone()))
+                .bind(SCOPE)
+                .bind(key)
+                .fetch_optional(&mut *connection)
+                .await?;
+            if let Some(found) = found {
+                return Ok(Claimed::Completed(found.try_get("result")?));
+            }
             let row = sqlx::query(AssertSqlSafe(self.statements.claim.clone()))
                 .bind(SCOPE)
                 .bind(key)
@@ -490,20 +501,12 @@ FROM {table} WHERE scope = ?1 AND business_key = ?2"
                 .bind(now + LEASE.as_millis() as i64)
                 .bind(None::<&[u8]>)
                 .bind(now)
-                .fetch_optional(&mut *connection)
-                .await?;
-            if let Some(row) = row {
-                return Ok(Claimed::Acquired {
-                    owner,
-                    fence: row.try_get("fence")?,
-                });
-            }
-            let row = sqlx::query(AssertSqlSafe(self.statements.read.clone()))
-                .bind(SCOPE)
-                .bind(key)
                 .fetch_one(&mut *connection)
                 .await?;
-            Ok(Claimed::Completed(row.try_get("result")?))
+            Ok(Claimed::Acquired {
+                owner,
+                fence: row.try_get("fence")?,
+            })
         }
     }
 }
