@@ -275,6 +275,29 @@ async fn migrate_runs_twice_and_from_8_tasks_at_once() {
     );
 }
 
+/// Many pools opening the same new file at once all switch it to WAL, which takes a lock
+/// SQLite's busy timeout does not wait for: every open must still succeed (the store tries a
+/// locked open again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_pools_open_a_new_file_at_once() {
+    for round in 0..4 {
+        let file = TempDb::new(&format!("open-at-once-{round}"));
+        let opens: Vec<_> = (0..32)
+            .map(|_| {
+                let url = file.url();
+                tokio::spawn(async move { SqliteStore::connect(&url).await })
+            })
+            .collect();
+        for (i, open) in opens.into_iter().enumerate() {
+            let store = open
+                .await
+                .expect("an opening task panicked")
+                .unwrap_or_else(|error| panic!("round {round}, pool {i}: {error}"));
+            store.pool().close().await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn records_survive_reopening_the_file() {
     let file = TempDb::new("reopen");

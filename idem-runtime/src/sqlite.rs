@@ -102,20 +102,34 @@ impl SqliteStore {
     /// Opens (creating if missing) the database at `url`, such as `sqlite://idem.db`, in WAL
     /// mode with a 5 second busy timeout.
     ///
+    /// Processes that open a new file at the same moment all switch it to WAL, which takes a
+    /// lock SQLite's busy timeout does not wait for: an open that finds the database locked is
+    /// tried again (for up to the busy timeout) instead of failing.
+    ///
     /// # Errors
     ///
     /// [`Error::Store`] if the URL is malformed or the database cannot be opened.
     pub async fn connect(url: &str) -> Result<Self, Error> {
+        const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+        const LONGEST_PAUSE: Duration = Duration::from_millis(100);
         let options = SqliteConnectOptions::from_str(url)
             .map_err(store_error::<Sqlite>)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .connect_with(options)
-            .await
-            .map_err(store_error::<Sqlite>)?;
-        Ok(Self::new(pool))
+            .busy_timeout(BUSY_TIMEOUT);
+        let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match SqlitePoolOptions::new().connect_with(options.clone()).await {
+                Ok(pool) => return Ok(Self::new(pool)),
+                Err(error) if is_busy(&error) && tokio::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(%error, "the database is locked while it opens; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(LONGEST_PAUSE);
+                }
+                Err(error) => return Err(store_error::<Sqlite>(error)),
+            }
+        }
     }
 
     /// A store in a private in-memory database (one connection that lives as long as the
@@ -233,6 +247,19 @@ impl SqliteStore {
             fingerprint: row.try_get(3).map_err(corrupt)?,
             result: row.try_get(4).map_err(corrupt)?,
         }))
+    }
+}
+
+/// Whether `error` is SQLite's `SQLITE_BUSY` ("database is locked", in any of its extended
+/// codes).
+fn is_busy(error: &sqlx::Error) -> bool {
+    const SQLITE_BUSY: i32 = 5;
+    match error {
+        sqlx::Error::Database(database) => database
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| code & 0xff == SQLITE_BUSY),
+        _ => false,
     }
 }
 
