@@ -427,6 +427,24 @@ fn costs(held: usize, sql: bool) -> Vec<Cost> {
     costs
 }
 
+/// Warms `store` up on its pool of one connection, then measures every store and `tx`
+/// operation through `proxy` and checks them against [`costs`]`(held, true)`.
+async fn measure_sql<S: TxStore>(
+    proxy: &CountingProxy,
+    store: &S,
+    pool: &sqlx::Pool<S::Database>,
+    (name, wire, held, pings): (&str, Wire, usize, bool),
+) {
+    store_operations(store, None).await;
+    tx_operations(store, pool, None).await;
+
+    let idle = || pool.num_idle() == pool.size() as usize;
+    let mut meter = Meter::start(proxy, Some(Box::new(idle))).await;
+    store_operations(store, Some(&mut meter)).await;
+    tx_operations(store, pool, Some(&mut meter)).await;
+    check(name, wire, &meter.taken, &costs(held, true), pings);
+}
+
 // One thread: the task sqlx spawns to return a connection runs only when the test awaits.
 #[tokio::test(flavor = "current_thread")]
 async fn postgres_operations_cost_one_round_trip_each() {
@@ -445,20 +463,8 @@ async fn postgres_operations_cost_one_round_trip_each() {
             .await
             .expect("a pool through the proxy");
         let store = sql_servers::postgres_store(pool.clone(), SystemClock).await;
-        store_operations(&store, None).await;
-        tx_operations(&store.store, &pool, None).await;
-
-        let idle = || pool.num_idle() == pool.size() as usize;
-        let mut meter = Meter::start(&proxy, Some(Box::new(idle))).await;
-        store_operations(&store, Some(&mut meter)).await;
-        tx_operations(&store.store, &pool, Some(&mut meter)).await;
-        check(
-            "PostgreSQL",
-            Wire::Postgres,
-            &meter.taken,
-            &costs(1, true),
-            pings,
-        );
+        let expected = ("PostgreSQL", Wire::Postgres, 1, pings);
+        measure_sql(&proxy, &store.store, &pool, expected).await;
         pool.close().await;
     }
 }
@@ -486,20 +492,19 @@ async fn mysql_operations_cost_one_round_trip_each_and_a_read_as_on_mysql() {
             } else {
                 sql_servers::mysql_store(pool.clone(), SystemClock).await
             };
-            store_operations(&store, None).await;
-            tx_operations(&store.store, &pool, None).await;
-
-            let idle = || pool.num_idle() == pool.size() as usize;
-            let mut meter = Meter::start(&proxy, Some(Box::new(idle))).await;
-            store_operations(&store, Some(&mut meter)).await;
-            tx_operations(&store.store, &pool, Some(&mut meter)).await;
             // On MariaDB the claim returns the record it leaves; as on MySQL a read follows.
             let (name, held) = if as_on_mysql {
                 ("MariaDB claiming as on MySQL", 2)
             } else {
                 ("MariaDB", 1)
             };
-            check(name, Wire::MySql, &meter.taken, &costs(held, true), pings);
+            measure_sql(
+                &proxy,
+                &store.store,
+                &pool,
+                (name, Wire::MySql, held, pings),
+            )
+            .await;
         }
         pool.close().await;
     }
