@@ -699,6 +699,14 @@ macro_rules! sql_store {
         impl $crate::tx::TxStore for $store {
             type Database = $db;
 
+            async fn begin(&self) -> Result<::sqlx::Transaction<'static, $db>, Error> {
+                self.table
+                    .pool
+                    .begin()
+                    .await
+                    .map_err($crate::sql::store_error::<$db>)
+            }
+
             async fn claim_in(
                 &self,
                 tx: &mut ::sqlx::Transaction<'_, $db>,

@@ -92,6 +92,16 @@ pub trait TxStore: Store {
     /// The database the store is in.
     type Database: sqlx::Database;
 
+    /// Begins a transaction on the store's pool, for [`claim_in`](Self::claim_in) and the
+    /// body's writes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Store`] if no connection can be had or `BEGIN` fails.
+    fn begin(
+        &self,
+    ) -> impl Future<Output = Result<sqlx::Transaction<'static, Self::Database>, Error>> + Send;
+
     /// Sets a savepoint of its own in `tx` and claims `key` there (see the [module](self)).
     ///
     /// # Errors
@@ -143,6 +153,12 @@ macro_rules! forward_tx_store {
     ($($ptr:ty),*) => {$(
         impl<S: TxStore + ?Sized> TxStore for $ptr {
             type Database = S::Database;
+
+            fn begin(
+                &self,
+            ) -> impl Future<Output = Result<sqlx::Transaction<'static, Self::Database>, Error>> + Send {
+                (**self).begin()
+            }
 
             fn claim_in(
                 &self,

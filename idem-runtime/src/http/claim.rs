@@ -1,0 +1,153 @@
+//! The `claim` mode: the handler runs under a claim in the store; its response is recorded
+//! after it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::extract::Request;
+use axum::response::Response;
+use tracing::Instrument as _;
+
+use super::layer::{Idempotency, IdempotencyLayer};
+use super::request::{
+    Prepared, call, handler_failed, outcome_unknown, prepare, read_response, refused,
+};
+use super::stored::StoredResponse;
+use crate::{Error, Fingerprint, RecordKey, Store};
+
+/// The mode of [`IdempotencyLayer::new`]: the key is claimed in the store, the handler runs,
+/// its response is recorded. Any store, any effect; a process that dies between the effect
+/// and the record leaves the key in progress until its lease ends, and a retry after that
+/// runs the handler again (see the [module](super)).
+#[derive(Clone, Copy, Debug)]
+pub enum ClaimMode {}
+
+impl<S, Inner> tower::Service<Request> for Idempotency<S, Inner, ClaimMode>
+where
+    S: Store + 'static,
+    Inner:
+        tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    Inner::Future: Send,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let inner = self.take_inner();
+        let layer = self.layer.clone();
+        Box::pin(async move { Ok(handle(layer, inner, request).await) })
+    }
+}
+
+/// Why a call through [`run`](crate::run) did not give a response to store.
+enum Failure {
+    /// idem's outcome: in progress, mismatch, store error, …
+    Idem(Error),
+    /// The handler's response is not final: returned as it is, the key released.
+    NotKept(Response),
+    /// The handler's response body could not be read.
+    Body(axum::Error),
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Self::Idem(error)
+    }
+}
+
+async fn handle<S, Inner>(
+    layer: IdempotencyLayer<S, ClaimMode>,
+    mut inner: Inner,
+    request: Request,
+) -> Response
+where
+    S: Store + 'static,
+    Inner: tower::Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    Inner::Future: Send,
+{
+    let (record, fingerprint, request) = match prepare(&layer.settings, request).await {
+        Prepared::Keyed {
+            record,
+            fingerprint,
+            request,
+        } => (record, fingerprint, request),
+        Prepared::Unkeyed(request) => return call(&mut inner, request).await,
+        Prepared::Refused(response) => return response,
+    };
+    // From the claim on, the call runs on the runtime: a client that disconnects (its request
+    // future dropped) does not cut the handler off between its effect and the record.
+    let running = layer.settings.running.clone();
+    let claimed = claimed(layer, inner, record, fingerprint, request);
+    match running.spawn(claimed.in_current_span()).await {
+        Ok(response) => response,
+        Err(join) => handler_failed(
+            &join,
+            "the handler did not finish; its key stays in progress until its lease ends, and a retry with the same Idempotency-Key after that runs the request again",
+        ),
+    }
+}
+
+async fn claimed<S, Inner>(
+    layer: IdempotencyLayer<S, ClaimMode>,
+    mut inner: Inner,
+    record: RecordKey,
+    fingerprint: Fingerprint,
+    request: Request,
+) -> Response
+where
+    S: Store + 'static,
+    Inner: tower::Service<Request, Response = Response, Error = Infallible> + Send,
+    Inner::Future: Send,
+{
+    let settings = &layer.settings;
+    let started = OnceLock::<Instant>::new();
+    let body = async {
+        let _ = started.set(Instant::now());
+        let response = call(&mut inner, request).await;
+        match read_response(settings, response).await {
+            Ok(Ok(stored)) => Ok::<StoredResponse, Failure>(stored),
+            Ok(Err(response)) => Err(Failure::NotKept(response)),
+            Err(error) => Err(Failure::Body(error)),
+        }
+    };
+    let outcome = crate::run(
+        &*layer.store,
+        record,
+        Some(fingerprint),
+        settings.policy,
+        body,
+    )
+    .await;
+    match outcome {
+        Ok(stored) => stored.into_response(started.get().is_none()),
+        Err(Failure::NotKept(response)) => response,
+        Err(Failure::Body(error)) => outcome_unknown(
+            &error,
+            "the handler ran, but its response body could not be read, so it was not recorded and the key was released: a retry with the same Idempotency-Key runs the request again, at once".to_owned(),
+            Duration::from_secs(1),
+        ),
+        Err(Failure::Idem(error)) => match started.get() {
+            Some(at) if !matches!(error, Error::LeaseLost { .. }) => {
+                let left = settings.policy.lease().saturating_sub(at.elapsed());
+                outcome_unknown(
+                    &error,
+                    format!(
+                        "the handler ran, but its response could not be recorded ({error}), so whether it took effect is not known here. The key stays in progress until its lease ends, in about {} s: a retry with the same Idempotency-Key gets 409 until then and runs the request again after that",
+                        left.as_millis().div_ceil(1000)
+                    ),
+                    left,
+                )
+            }
+            _ => refused(settings, &error),
+        },
+    }
+}
