@@ -12,8 +12,9 @@ use axum::extract::{Json, State};
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use idem_runtime::http::{CallerHeader, IDEMPOTENT_REPLAYED, IdempotencyLayer};
+use idem_runtime::http::{CallerHeader, IDEMPOTENT_REPLAYED, IdempotencyLayer, problem_type};
 use idem_runtime::{Policy, Store};
+use idem_tests::http_client::{self, hang_up_after, send_until_settled, send_within};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tower::ServiceExt as _;
@@ -41,6 +42,10 @@ struct Shop {
     held: std::sync::atomic::AtomicBool,
     entered: Notify,
     gate: Notify,
+    /// How long `/orders` takes, in milliseconds.
+    pause: std::sync::atomic::AtomicU64,
+    /// Requests whose future the server dropped before it finished (the client hung up).
+    cut_off: AtomicUsize,
 }
 
 async fn create_order(State(shop): State<Arc<Shop>>, Json(order): Json<NewOrder>) -> Response {
@@ -48,6 +53,10 @@ async fn create_order(State(shop): State<Arc<Shop>>, Json(order): Json<NewOrder>
     if shop.held.load(Ordering::SeqCst) {
         shop.entered.notify_one();
         shop.gate.notified().await;
+    }
+    let pause = shop.pause.load(Ordering::SeqCst);
+    if pause > 0 {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     let location = format!("/orders/{}", order.order_no);
     let created = Created {
@@ -118,6 +127,14 @@ struct Answer {
 }
 
 impl Answer {
+    fn problem_type(&self) -> &str {
+        let problem: serde_json::Value = serde_json::from_str(&self.body).unwrap_or_default();
+        match problem["type"].as_str() {
+            Some(kind) => Box::leak(kind.to_owned().into_boxed_str()),
+            None => "",
+        }
+    }
+
     fn replayed(&self) -> bool {
         self.headers
             .get(IDEMPOTENT_REPLAYED)
@@ -225,12 +242,13 @@ async fn reused_key_with_another_request_is_422<S: Store + 'static>(store: S) {
     )
     .await
     .assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
-    send(
+    let reused = send(
         &router,
         post_to("/flaky", Some("k-3"), Some("alice"), ORDER),
     )
-    .await
-    .assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    .await;
+    reused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(reused.problem_type(), problem_type::KEY_REUSED);
     assert_eq!(shop.runs.load(Ordering::SeqCst), 1);
     assert_eq!(shop.flaky_runs.load(Ordering::SeqCst), 0);
 }
@@ -262,9 +280,10 @@ async fn concurrent_copies_run_the_handler_once<S: Store + 'static>(store: S) {
             .expect("text")
             .parse()
             .expect("seconds");
-        // The lease is 60 s; a copy that read the clock before the first claimed may see a
-        // few milliseconds more, rounded up to a second.
-        assert!((1..=61).contains(&retry_after), "{retry_after}");
+        // The lease is 60 s, but a client told to wait that long would wait a minute for a
+        // handler that answers in milliseconds: the layer's bound (1 s) is what it says.
+        assert_eq!(retry_after, 1);
+        assert_eq!(answer.problem_type(), problem_type::IN_PROGRESS);
     }
     shop.gate.notify_one();
     let first = answers.recv().await.expect("the first answer");
@@ -380,6 +399,122 @@ async fn waiting_copy_gets_the_first_response<S: Store + 'static>(store: S) {
     assert_eq!(shop.runs.load(Ordering::SeqCst), 1);
 }
 
+/// Counts, in `shop.cut_off`, the requests whose future the server drops before they finish.
+async fn watch_for_cut_off(
+    State(shop): State<Arc<Shop>>,
+    request: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    struct Watch(Option<Arc<Shop>>);
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            if let Some(shop) = self.0.take() {
+                shop.cut_off.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+    let mut watch = Watch(Some(shop));
+    let response = next.run(request).await;
+    watch.0 = None;
+    response
+}
+
+/// The app on a real server on a loopback port, its request futures watched.
+async fn serve<S: Store + 'static>(
+    layer: IdempotencyLayer<S>,
+) -> (std::net::SocketAddr, Arc<Shop>) {
+    let shop = Arc::new(Shop::default());
+    let router = Router::new()
+        .route("/orders", post(create_order))
+        .layer(layer)
+        .layer(axum::middleware::from_fn_with_state(
+            shop.clone(),
+            watch_for_cut_off,
+        ))
+        .with_state(shop.clone());
+    (idem_tests::http_client::serve(router).await, shop)
+}
+
+fn order_request(key: &str) -> http_client::Request {
+    http_client::Request::post("/orders", ORDER)
+        .header("idempotency-key", key)
+        .header("x-api-key", "alice")
+}
+
+/// A real client gives up while the handler is held: the server drops the request's future,
+/// but the claimed handler runs on, its response is recorded, and the retry replays it.
+async fn a_client_that_hangs_up_does_not_cut_the_handler_off<S: Store + 'static>(store: S) {
+    let (addr, shop) = serve(layer(store)).await;
+    shop.held.store(true, Ordering::SeqCst);
+    let request = order_request("\"k-11\"");
+    let client = tokio::spawn({
+        let request = request.clone();
+        async move { send_within(addr, &request, Duration::from_secs(60)).await }
+    });
+    shop.entered.notified().await;
+    client.abort();
+    let _ = client.await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while shop.cut_off.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server never dropped the request of the client that hung up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The handler is still held; the request that started it is gone. Let it finish.
+    shop.gate.notify_one();
+    let retry = send_until_settled(addr, &request, Duration::from_secs(20))
+        .await
+        .expect("the retry");
+    assert_eq!(retry.status, 201, "{}", retry.body);
+    assert!(
+        retry.replayed(),
+        "the retry replays the response of the cut-off request"
+    );
+    assert_eq!(retry.json()["run"], 1);
+    assert_eq!(shop.runs.load(Ordering::SeqCst), 1);
+}
+
+/// 64 copies of one key, each from a client that either waits for its answer or hangs up
+/// after a while; the handler takes 150 ms. One effect, and every answer is that effect or a
+/// `409`.
+async fn copies_that_hang_up_at_random_run_the_handler_once<S: Store + 'static>(store: S) {
+    let (addr, shop) = serve(layer(store)).await;
+    shop.pause.store(150, Ordering::SeqCst);
+    let request = order_request("k-12");
+    let mut copies = Vec::new();
+    for copy in 0..64_u64 {
+        let request = request.clone();
+        copies.push(tokio::spawn(async move {
+            // A spread of hang-ups from 20 to 200 ms (the first copy, which claims, among
+            // them); every third copy waits for its answer.
+            tokio::time::sleep(Duration::from_millis(copy * 37 % 50)).await;
+            if copy % 3 == 2 {
+                http_client::send(addr, &request).await.map(Some)
+            } else {
+                hang_up_after(addr, &request, Duration::from_millis(20 + copy * 53 % 180))
+                    .await
+                    .map(|()| None)
+            }
+        }));
+    }
+    for copy in copies {
+        if let Some(answer) = copy.await.expect("a copy").expect("loopback") {
+            assert!(matches!(answer.status, 201 | 409), "{answer:?}");
+            if answer.status == 201 {
+                assert_eq!(answer.json()["run"], 1);
+            }
+        }
+    }
+    let last = send_until_settled(addr, &request, Duration::from_secs(20))
+        .await
+        .expect("the last retry");
+    assert_eq!(last.status, 201, "{}", last.body);
+    assert_eq!(last.json()["run"], 1);
+    assert_eq!(shop.runs.load(Ordering::SeqCst), 1, "one effect");
+}
+
 /// One `#[tokio::test]` per case on the store `store()` of the module it expands in.
 macro_rules! cases {
     ($($case:ident),* $(,)?) => {$(
@@ -408,6 +543,8 @@ macro_rules! store_module {
                 callers_never_see_each_others_responses,
                 server_errors_release_the_key_and_deliberate_4xx_are_kept,
                 waiting_copy_gets_the_first_response,
+                a_client_that_hangs_up_does_not_cut_the_handler_off,
+                copies_that_hang_up_at_random_run_the_handler_once,
             );
         }
     };
@@ -453,6 +590,7 @@ async fn unreachable_store_answers_503() {
     )
     .await;
     answer.assert_problem(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.problem_type(), problem_type::NOT_PROCESSED);
     assert!(answer.headers.contains_key(header::RETRY_AFTER));
     assert_eq!(shop.runs.load(Ordering::SeqCst), 0);
 }
@@ -485,4 +623,45 @@ fn chunks(text: &'static str) -> Vec<Result<axum::body::Bytes, std::io::Error>> 
         Ok(a.as_bytes().to_vec().into()),
         Ok(b.as_bytes().to_vec().into()),
     ]
+}
+
+/// The handler ran, but its response could not be recorded (the store's pool was closed while
+/// it ran): `502` outcome unknown, which says that the key stays in progress until the lease
+/// ends and what a retry does then — not `503` "not processed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn response_not_recorded_is_502_outcome_unknown() {
+    let store = idem_runtime::sqlite::SqliteStore::in_memory()
+        .await
+        .expect("open SQLite");
+    store.migrate().await.expect("migrate");
+    let pool = store.pool().clone();
+    let (router, shop) = app(layer(store));
+    shop.held.store(true, Ordering::SeqCst);
+    let answer = tokio::spawn({
+        let router = router.clone();
+        async move {
+            send(
+                &router,
+                post_to("/orders", Some("k-13"), Some("alice"), ORDER),
+            )
+            .await
+        }
+    });
+    shop.entered.notified().await;
+    pool.close().await;
+    shop.gate.notify_one();
+    let answer = answer.await.expect("the answer");
+    answer.assert_problem(StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.problem_type(), problem_type::OUTCOME_UNKNOWN);
+    let retry_after: u64 = answer.headers[header::RETRY_AFTER]
+        .to_str()
+        .expect("text")
+        .parse()
+        .expect("seconds");
+    assert!(
+        (55..=60).contains(&retry_after),
+        "until the lease ends: {retry_after}"
+    );
+    assert!(answer.body.contains("409 until then"), "{}", answer.body);
+    assert_eq!(shop.runs.load(Ordering::SeqCst), 1);
 }

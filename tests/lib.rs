@@ -9,6 +9,7 @@ use idem_runtime::{Claim, Error, Fingerprint, Lease, RecordKey, Store, idempoten
 use serde::{Deserialize, Serialize};
 
 pub mod counting;
+pub mod http_client;
 pub mod proxy;
 
 /// A message as a queue delivers it.

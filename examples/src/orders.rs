@@ -1,8 +1,11 @@
 //! The order service: an HTTP API over a SQL database.
 //!
 //! * `POST /orders` creates an order. Clients retry, so the route takes an `Idempotency-Key`
-//!   ([`IdempotencyLayer`]): a retry gets the first response, with the same order number,
-//!   and no second order is created.
+//!   ([`IdempotencyLayer::in_tx`]): the key is claimed, the order inserted and the response
+//!   stored in one transaction, committed together. A retry gets the first response, with
+//!   the same order number, and no second order is created — also when the client gave up
+//!   waiting, the service was killed mid-create, or its database connection was cut: then
+//!   nothing was committed and the retry creates the order once.
 //! * `POST /orders/{order_no}/pay` moves the order `Created → Paid` with the `state` strategy:
 //!   a repeated pay finds the order paid and answers as before, paying a cancelled order is a
 //!   `409`. In the same transaction the payment writes an `OrderPaid` event to the `outbox`
@@ -20,15 +23,18 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Json, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use idem_runtime::http::{CallerHeader, IdempotencyLayer, Problem};
+use idem_runtime::http::{CallerHeader, IdempotencyLayer, Problem, Tx, TxMode};
 use idem_runtime::state::{StateMachine as _, Transitioned};
+use idem_runtime::tx::TxStore;
 use idem_runtime::{SqlDatabase, StateMachine, idempotent};
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, Pool};
@@ -98,6 +104,9 @@ pub enum OrderError {
     /// The request makes no sense.
     #[error("{0}")]
     Invalid(String),
+    /// The request body is not a JSON order.
+    #[error("body: {0}")]
+    Body(#[from] JsonRejection),
     /// An event could not be encoded.
     #[error("event: {0}")]
     Event(#[from] serde_json::Error),
@@ -115,6 +124,9 @@ impl IntoResponse for OrderError {
                 format!("no order has the number `{order_no}`"),
             ),
             Self::Invalid(why) => Problem::new(StatusCode::BAD_REQUEST, "Invalid order", why),
+            Self::Body(rejection) => {
+                Problem::body_invalid(rejection.status(), rejection.body_text())
+            }
             Self::Idem(idem_runtime::Error::InvalidTransition { current, to, .. }) => Problem::new(
                 StatusCode::CONFLICT,
                 "Order cannot move",
@@ -126,7 +138,7 @@ impl IntoResponse for OrderError {
                 format!("no order has the number {id}"),
             ),
             other => {
-                tracing::error!(error = %other, "request failed");
+                tracing::error!(error = %other, "request failed: 503");
                 Problem::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Try again",
@@ -141,8 +153,8 @@ impl IntoResponse for OrderError {
 
 /// What the service does in its database; implemented for SQLite, PostgreSQL and MySQL.
 pub trait OrderDb: SqlDatabase {
-    /// The idempotency store of this database.
-    type Store: idem_runtime::Store + 'static;
+    /// The idempotency store of this database, which keeps records in its transactions.
+    type Store: TxStore<Database = Self> + 'static;
 
     /// The store, on `pool` (its table must be migrated).
     fn store(pool: Pool<Self>) -> Self::Store;
@@ -150,9 +162,9 @@ pub trait OrderDb: SqlDatabase {
     /// Creates the service's tables and the store's.
     fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), OrderError>> + Send;
 
-    /// Inserts a new order.
+    /// Inserts a new order on `connection` (the request's transaction).
     fn insert(
-        pool: &Pool<Self>,
+        connection: &mut Self::Connection,
         order: &Order,
     ) -> impl Future<Output = Result<(), OrderError>> + Send;
 
@@ -242,7 +254,10 @@ macro_rules! order_db {
                 Ok(())
             }
 
-            async fn insert(pool: &Pool<Self>, order: &Order) -> Result<(), OrderError> {
+            async fn insert(
+                connection: &mut <Self as sqlx::Database>::Connection,
+                order: &Order,
+            ) -> Result<(), OrderError> {
                 sqlx::query(sql::<Self>(
                     "INSERT INTO orders (order_no, user_id, amount_cents, status) VALUES (?, ?, ?, ?)",
                 ))
@@ -250,7 +265,7 @@ macro_rules! order_db {
                 .bind(order.user_id)
                 .bind(order.amount_cents)
                 .bind(&order.status)
-                .execute(pool)
+                .execute(connection)
                 .await?;
                 Ok(())
             }
@@ -390,9 +405,12 @@ order_db!(
     "BIGINT AUTO_INCREMENT PRIMARY KEY"
 );
 
-/// The service: its database pool.
+/// The service: its database pool and the idempotency layer of `POST /orders`.
 pub struct OrderService<DB: OrderDb> {
     pool: Pool<DB>,
+    create: IdempotencyLayer<DB::Store, TxMode>,
+    /// Fault injection: how long each create waits after its insert, in milliseconds.
+    create_pause: AtomicU64,
 }
 
 impl<DB: OrderDb> OrderService<DB> {
@@ -403,7 +421,27 @@ impl<DB: OrderDb> OrderService<DB> {
     /// When the tables cannot be created.
     pub async fn new(pool: Pool<DB>) -> Result<Arc<Self>, OrderError> {
         DB::migrate(&pool).await?;
-        Ok(Arc::new(Self { pool }))
+        let create = IdempotencyLayer::in_tx(DB::store(pool.clone()), "orders.create")?
+            .caller(CallerHeader::new("x-client-id")?);
+        Ok(Arc::new(Self {
+            pool,
+            create,
+            create_pause: AtomicU64::new(0),
+        }))
+    }
+
+    /// Fault injection, for tests and the soak: each create waits `pause` after inserting its
+    /// order, before it answers (and before its transaction commits), so that clients time out
+    /// and retry while it runs.
+    pub fn pause_each_create(&self, pause: Duration) {
+        let millis = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
+        self.create_pause.store(millis, Ordering::Relaxed);
+    }
+
+    /// Waits until every create that was claimed has committed or rolled back, including those
+    /// whose client went away: call it after the server stopped.
+    pub async fn finished(&self) {
+        self.create.finished().await;
     }
 
     /// The pool.
@@ -416,12 +454,10 @@ impl<DB: OrderDb> OrderService<DB> {
     ///
     /// # Errors
     ///
-    /// Never in practice: the scope and the header name are constants.
+    /// Never in practice: kept so that a router with fallible parts fits here.
     pub fn router(self: &Arc<Self>) -> Result<Router, idem_runtime::Error> {
-        let idempotent = IdempotencyLayer::new(DB::store(self.pool.clone()), "orders.create")?
-            .caller(CallerHeader::new("x-client-id")?);
         Ok(Router::new()
-            .route("/orders", post(create::<DB>).layer(idempotent))
+            .route("/orders", post(create::<DB>).layer(self.create.clone()))
             .route("/orders/{order_no}", get(find::<DB>))
             .route("/orders/{order_no}/pay", post(pay::<DB>))
             .route("/orders/{order_no}/cancel", post(cancel::<DB>))
@@ -429,10 +465,14 @@ impl<DB: OrderDb> OrderService<DB> {
     }
 }
 
+/// `POST /orders`, in the request's transaction: the key is claimed in it, and the layer
+/// stores this response in it and commits.
 async fn create<DB: OrderDb>(
     State(service): State<Arc<OrderService<DB>>>,
-    Json(new): Json<NewOrder>,
+    mut tx: Tx<DB>,
+    body: Result<Json<NewOrder>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Order>), OrderError> {
+    let Json(new) = body?;
     if new.user_id < 1 {
         return Err(OrderError::Invalid(
             "`user_id` must be at least 1".to_owned(),
@@ -449,7 +489,11 @@ async fn create<DB: OrderDb>(
         amount_cents: new.amount_cents,
         status: OrderStatus::Created.name().to_owned(),
     };
-    DB::insert(&service.pool, &order).await?;
+    DB::insert(&mut tx, &order).await?;
+    let pause = service.create_pause.load(Ordering::Relaxed);
+    if pause > 0 {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
     Ok((StatusCode::CREATED, Json(order)))
 }
 

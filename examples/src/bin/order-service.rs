@@ -10,6 +10,10 @@
 //! curl -i -X POST localhost:8080/orders/O-…/pay
 //! ```
 //!
+//! The HTTP API serves without Redis: the relay keeps trying to reach it (logging the URL) and
+//! publishes the outbox once it can. On Ctrl-C the server stops taking requests, and the
+//! creates still running (those whose clients went away too) finish before it exits.
+//!
 //! `RUST_LOG` filters the log lines (default `info`).
 
 use std::process::ExitCode;
@@ -30,6 +34,9 @@ usage: order-service [options]
                        default redis://127.0.0.1:6379/)
   --listen ADDRESS     where the HTTP API listens (default 127.0.0.1:8080)
   --stream KEY         the stream (default orders.paid)
+  --pause-each-create MS
+                       fault injection: each create waits MS milliseconds after its
+                       insert, before it answers and commits (default 0)
   -h, --help           this text";
 
 /// The command line.
@@ -38,6 +45,7 @@ struct Args {
     redis_url: String,
     listen: String,
     stream: String,
+    create_pause: Duration,
 }
 
 impl Args {
@@ -49,6 +57,7 @@ impl Args {
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned()),
             listen: "127.0.0.1:8080".to_owned(),
             stream: ORDER_PAID_STREAM.to_owned(),
+            create_pause: Duration::ZERO,
         };
         let mut given = std::env::args().skip(1);
         while let Some(flag) = given.next() {
@@ -63,6 +72,12 @@ impl Args {
                 "--redis-url" => args.redis_url = value,
                 "--listen" => args.listen = value,
                 "--stream" => args.stream = value,
+                "--pause-each-create" => {
+                    let millis = value.parse::<u64>().map_err(|_| {
+                        format!("--pause-each-create `{value}`: expected milliseconds")
+                    })?;
+                    args.create_pause = Duration::from_millis(millis);
+                }
                 other => return Err(format!("unknown option `{other}`; try --help")),
             }
         }
@@ -110,23 +125,32 @@ async fn main() -> ExitCode {
 
 async fn serve<DB: OrderDb + PointsDb>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     // The points module knows how to open each database (a SQLite file is created).
-    let store = <DB as PointsDb>::connect(&args.database_url).await?;
+    let store = <DB as PointsDb>::connect(&args.database_url)
+        .await
+        .map_err(|error| format!("cannot open the database {}: {error}", args.database_url))?;
     let pool = <DB as PointsDb>::pool(&store).clone();
-    let service = OrderService::new(pool.clone()).await?;
-    let stream = RedisStream::connect(&args.redis_url, &args.stream).await?;
-    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let service = OrderService::new(pool.clone())
+        .await
+        .map_err(|error| format!("cannot create the tables in {}: {error}", args.database_url))?;
+    service.pause_each_create(args.create_pause);
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|error| format!("cannot listen on {}: {error}", args.listen))?;
     println!(
-        "order-service: listening on http://{}, orders in {}, events to stream `{}`; Ctrl-C stops",
+        "order-service: listening on http://{}, orders in {}, events to stream `{}` at {}; Ctrl-C stops",
         listener.local_addr()?,
         <DB as sqlx::Database>::NAME,
         args.stream,
+        args.redis_url,
     );
 
     let stop = CancellationToken::new();
-    let relay = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay_until(&pool, &stream, Duration::from_millis(200), &stop).await }
-    });
+    let relay = tokio::spawn(relay_when_reachable(
+        pool,
+        args.redis_url.clone(),
+        args.stream.clone(),
+        stop.clone(),
+    ));
     let shutdown = {
         let stop = stop.clone();
         async move {
@@ -139,7 +163,39 @@ async fn serve<DB: OrderDb + PointsDb>(args: &Args) -> Result<(), Box<dyn std::e
     axum::serve(listener, service.router()?)
         .with_graceful_shutdown(shutdown)
         .await?;
+    // Creates whose clients went away are still running: let them commit.
+    service.finished().await;
     stop.cancel();
     relay.await?;
     Ok(())
+}
+
+/// Connects to the stream (trying again every second while Redis cannot be reached, so the
+/// HTTP API serves meanwhile), then relays the outbox until `stop`.
+async fn relay_when_reachable<DB: OrderDb>(
+    pool: sqlx::Pool<DB>,
+    redis_url: String,
+    stream: String,
+    stop: CancellationToken,
+) {
+    let mut logged = false;
+    let stream = loop {
+        match RedisStream::connect(&redis_url, &stream).await {
+            Ok(stream) => break stream,
+            Err(error) => {
+                if !logged {
+                    tracing::warn!(%error, url = %redis_url, "cannot reach the event stream's Redis; the outbox waits, retrying every second");
+                    logged = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    if logged {
+        tracing::info!(url = %redis_url, "the event stream's Redis is reachable; relaying the outbox");
+    }
+    relay_until(&pool, &stream, Duration::from_millis(200), &stop).await;
 }
