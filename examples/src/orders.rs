@@ -411,6 +411,8 @@ pub struct OrderService<DB: OrderDb> {
     create: IdempotencyLayer<DB::Store, TxMode>,
     /// Fault injection: how long each create waits after its insert, in milliseconds.
     create_pause: AtomicU64,
+    /// Notified after each create's insert.
+    inserted: tokio::sync::Notify,
 }
 
 impl<DB: OrderDb> OrderService<DB> {
@@ -427,6 +429,7 @@ impl<DB: OrderDb> OrderService<DB> {
             pool,
             create,
             create_pause: AtomicU64::new(0),
+            inserted: tokio::sync::Notify::new(),
         }))
     }
 
@@ -436,6 +439,13 @@ impl<DB: OrderDb> OrderService<DB> {
     pub fn pause_each_create(&self, pause: Duration) {
         let millis = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
         self.create_pause.store(millis, Ordering::Relaxed);
+    }
+
+    /// Fault injection: each create notifies the waiters of this (`notify_waiters`: a create
+    /// with nobody waiting leaves no permit) right after its insert, before its pause and its
+    /// commit, so that a test can cut the connection or kill the process there.
+    pub fn inserted(&self) -> &tokio::sync::Notify {
+        &self.inserted
     }
 
     /// Waits until every create that was claimed has committed or rolled back, including those
@@ -490,6 +500,7 @@ async fn create<DB: OrderDb>(
         status: OrderStatus::Created.name().to_owned(),
     };
     DB::insert(&mut tx, &order).await?;
+    service.inserted.notify_waiters();
     let pause = service.create_pause.load(Ordering::Relaxed);
     if pause > 0 {
         tokio::time::sleep(Duration::from_millis(pause)).await;

@@ -1,0 +1,387 @@
+//! `POST /orders` of the order service in `tx` mode (`IdempotencyLayer::in_tx`), on a real
+//! server and a real client, on SQLite, PostgreSQL and MariaDB: the key is claimed, the order
+//! inserted and the response stored in one transaction. A client that gives up and retries, a
+//! copy during a slow create and a connection cut between the handler and its commit never
+//! make a second order; body rejections are problems of their own type.
+//!
+//! The service's tables have fixed names, so the cases of one server run one after the other
+//! in one test; each uses a user id and a caller of its own, and counts only those.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_examples::orders::{OrderDb, OrderService};
+use idem_runtime::RecordKey;
+use idem_runtime::http::problem_type;
+use idem_tests::http_client::{self, Answer, Request, send, send_until_settled, send_within};
+use idem_tests::proxy::{self, FaultProxy};
+use idem_tests::sql_servers;
+use sqlx::{AssertSqlSafe, Pool};
+
+/// The service on a real server, and a pool straight to its database for the counts.
+struct Rig<DB: OrderDb> {
+    service: Arc<OrderService<DB>>,
+    addr: SocketAddr,
+    direct: Pool<DB>,
+    /// The proxy between the service and its database, where there is a network.
+    proxy: Option<FaultProxy>,
+}
+
+impl<DB: OrderDb> Rig<DB> {
+    async fn start(pool: Pool<DB>, direct: Pool<DB>, proxy: Option<FaultProxy>) -> Self {
+        let service = OrderService::new(pool).await.expect("the service's tables");
+        let router = service.router().expect("the router");
+        let addr = http_client::serve(router).await;
+        Self {
+            service,
+            addr,
+            direct,
+            proxy,
+        }
+    }
+}
+
+/// A test's own caller and user, so that its counts see only its own orders.
+struct Client {
+    caller: String,
+    user: i64,
+}
+
+impl Client {
+    fn new() -> Self {
+        let id = uuid::Uuid::new_v4();
+        let user = i64::from(u32::from_be_bytes(
+            id.as_bytes()[..4].try_into().expect("4 bytes"),
+        )) + 1;
+        Self {
+            caller: format!("client-{}", id.simple()),
+            user,
+        }
+    }
+
+    fn create(&self, key: &str, amount_cents: i64) -> Request {
+        let body = serde_json::json!({ "user_id": self.user, "amount_cents": amount_cents });
+        Request::post("/orders", &body.to_string())
+            .header("x-client-id", &self.caller)
+            .header("idempotency-key", key)
+    }
+
+    /// The record of `key` of this caller.
+    fn record(&self, key: &str) -> RecordKey {
+        RecordKey::from_value("orders.create", &(self.caller.as_str(), key)).expect("a key")
+    }
+}
+
+async fn count<DB: OrderDb, V>(pool: &Pool<DB>, statement: &str, values: (V, V)) -> i64
+where
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> V: sqlx::Encode<'q, DB> + sqlx::Type<DB> + Send + 'static,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let statement = idem_examples::orders::sql::<DB>(statement);
+    sqlx::query_scalar(AssertSqlSafe(statement.0))
+        .bind(values.0)
+        .bind(values.1)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+/// What the database holds for a client: its orders, and whether `key` has a record.
+async fn held<DB: OrderDb>(rig: &Rig<DB>, client: &Client, key: &str) -> (i64, i64)
+where
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let orders = count(
+        &rig.direct,
+        "SELECT COUNT(*) FROM orders WHERE user_id = ? AND user_id = ?",
+        (client.user, client.user),
+    )
+    .await;
+    let record = client.record(key);
+    let records = count(
+        &rig.direct,
+        "SELECT COUNT(*) FROM idem_records WHERE scope = ? AND business_key = ?",
+        (record.scope().to_owned(), record.key().to_owned()),
+    )
+    .await;
+    (orders, records)
+}
+
+fn order_no(answer: &Answer) -> String {
+    answer.json()["order_no"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an order: {answer:?}"))
+        .to_owned()
+}
+
+/// The first create runs, its retries replay it: one order.
+async fn creates_once_and_replays<DB: OrderDb>(rig: &Rig<DB>)
+where
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let client = Client::new();
+    let request = client.create("\"k-1\"", 1200);
+    let first = send(rig.addr, &request).await.expect("loopback");
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert!(!first.replayed());
+    for _ in 0..3 {
+        let retry = send(rig.addr, &request).await.expect("loopback");
+        assert_eq!(retry.status, 201);
+        assert!(retry.replayed());
+        assert_eq!(order_no(&retry), order_no(&first));
+    }
+    assert_eq!(held(rig, &client, "k-1").await, (1, 1));
+}
+
+/// Eight copies while the first create is slow: the copies wait on the record's row lock and
+/// replay (or get `409`), never a second order.
+async fn copies_during_a_slow_create_never_make_a_second_order<DB: OrderDb>(rig: &Rig<DB>)
+where
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let client = Client::new();
+    rig.service.pause_each_create(Duration::from_millis(400));
+    let request = client.create("k-2", 4500);
+    let mut copies = Vec::new();
+    for _ in 0..8 {
+        let request = request.clone();
+        let addr = rig.addr;
+        copies.push(tokio::spawn(async move { send(addr, &request).await }));
+    }
+    let mut created = Vec::new();
+    for copy in copies {
+        let answer = copy.await.expect("a copy").expect("loopback");
+        match answer.status {
+            201 => created.push((order_no(&answer), answer.replayed())),
+            409 => assert_eq!(
+                answer.problem_type().as_deref(),
+                Some(problem_type::IN_PROGRESS)
+            ),
+            _ => panic!("{answer:?}"),
+        }
+    }
+    rig.service.pause_each_create(Duration::ZERO);
+    assert_eq!(
+        created.iter().filter(|(_, replayed)| !replayed).count(),
+        1,
+        "one copy created the order: {created:?}"
+    );
+    assert!(created.iter().all(|(order, _)| *order == created[0].0));
+    assert_eq!(held(rig, &client, "k-2").await, (1, 1));
+}
+
+/// The client gives up before the slow create answers and retries: the create committed on
+/// the server all the same, and the retry replays it.
+async fn a_client_that_times_out_and_retries_gets_the_first_order<DB: OrderDb>(rig: &Rig<DB>)
+where
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let client = Client::new();
+    rig.service.pause_each_create(Duration::from_millis(300));
+    let request = client.create("k-3", 990);
+    let gave_up = send_within(rig.addr, &request, Duration::from_millis(50))
+        .await
+        .expect("loopback");
+    assert!(gave_up.is_none(), "the client gave up: {gave_up:?}");
+    let retry = send_until_settled(rig.addr, &request, Duration::from_secs(20))
+        .await
+        .expect("loopback");
+    rig.service.pause_each_create(Duration::ZERO);
+    assert_eq!(retry.status, 201, "{}", retry.body);
+    assert!(
+        retry.replayed(),
+        "the first create finished without its client"
+    );
+    assert_eq!(held(rig, &client, "k-3").await, (1, 1));
+}
+
+/// Body rejections are problems of the type `body-invalid`, told apart from a key reused with
+/// another body (`key-reused`); nothing is created.
+async fn body_rejections_are_problems_of_their_own_type<DB: OrderDb>(rig: &Rig<DB>)
+where
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let client = Client::new();
+    let with = |key: &str, body: &str| {
+        Request::post("/orders", body)
+            .header("x-client-id", &client.caller)
+            .header("idempotency-key", key)
+    };
+    for (request, status) in [
+        (with("b-1", "{not json"), 400),
+        (with("b-2", r#"{"user_id": 1}"#), 422),
+        (
+            with("b-3", r#"{"user_id": 1, "amount_cents": 5}"#).content_type("text/plain"),
+            415,
+        ),
+    ] {
+        let answer = send(rig.addr, &request).await.expect("loopback");
+        assert_eq!(answer.status, status, "{}", answer.body);
+        assert_eq!(
+            answer.problem_type().as_deref(),
+            Some(problem_type::BODY_INVALID),
+            "{answer:?}"
+        );
+        assert_eq!(answer.json()["status"], status);
+    }
+    let first = send(rig.addr, &client.create("b-4", 700))
+        .await
+        .expect("loopback");
+    assert_eq!(first.status, 201);
+    let reused = send(rig.addr, &client.create("b-4", 701))
+        .await
+        .expect("loopback");
+    assert_eq!(reused.status, 422);
+    assert_eq!(
+        reused.problem_type().as_deref(),
+        Some(problem_type::KEY_REUSED)
+    );
+    assert_eq!(held(rig, &client, "b-1").await, (1, 1));
+}
+
+/// The connection between the service and its database is cut after the handler inserted the
+/// order, before the commit: nothing is committed — no order, no record — and the client is
+/// told so; the retry creates the order once.
+async fn a_cut_before_the_commit_leaves_no_order_and_no_record<DB: OrderDb>(rig: &Rig<DB>)
+where
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let proxy = rig.proxy.as_ref().expect("a proxy");
+    let client = Client::new();
+    rig.service.pause_each_create(Duration::from_millis(500));
+    let request = client.create("k-4", 3000);
+    let inserted = rig.service.inserted().notified();
+    tokio::pin!(inserted);
+    inserted.as_mut().enable();
+    let answer = tokio::spawn({
+        let (addr, request) = (rig.addr, request.clone());
+        async move { send(addr, &request).await }
+    });
+    inserted.await;
+    proxy.cut();
+    let answer = answer.await.expect("the create").expect("loopback");
+    rig.service.pause_each_create(Duration::ZERO);
+    assert!(
+        matches!(answer.status, 502 | 503),
+        "the cut fails the create: {answer:?}"
+    );
+    if answer.status == 503 {
+        assert_eq!(
+            answer.problem_type().as_deref(),
+            Some(problem_type::NOT_PROCESSED)
+        );
+        assert!(
+            answer.body.contains("could not be stored"),
+            "the handler ran: {answer:?}"
+        );
+    }
+    assert!(answer.retry_after().is_some());
+    assert_eq!(
+        held(rig, &client, "k-4").await,
+        (0, 0),
+        "nothing of the create was committed"
+    );
+    proxy.restore();
+    let retry = send_until_settled(rig.addr, &request, Duration::from_secs(20))
+        .await
+        .expect("loopback");
+    assert_eq!(retry.status, 201, "{}", retry.body);
+    assert!(!retry.replayed(), "the retry created the order");
+    let again = send(rig.addr, &request).await.expect("loopback");
+    assert!(again.replayed());
+    assert_eq!(order_no(&again), order_no(&retry));
+    assert_eq!(held(rig, &client, "k-4").await, (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tx_creates_on_sqlite() {
+    let file = idem_tests::sqlite_file::TempDb::new("orders_tx");
+    let store = idem_runtime::sqlite::SqliteStore::connect(&file.url())
+        .await
+        .expect("open SQLite");
+    let pool = store.pool().clone();
+    let rig = Rig::start(pool.clone(), pool, None).await;
+    creates_once_and_replays(&rig).await;
+    copies_during_a_slow_create_never_make_a_second_order(&rig).await;
+    a_client_that_times_out_and_retries_gets_the_first_order(&rig).await;
+    body_rejections_are_problems_of_their_own_type(&rig).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tx_creates_on_postgres() {
+    let Some(direct) = sql_servers::postgres_pool().await else {
+        return;
+    };
+    let (proxy, url) = proxied(&sql_servers::postgres_url(), 5432).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&url)
+        .await
+        .expect("a pool through the proxy");
+    let rig = Rig::start(pool, direct, Some(proxy)).await;
+    creates_once_and_replays(&rig).await;
+    copies_during_a_slow_create_never_make_a_second_order(&rig).await;
+    a_client_that_times_out_and_retries_gets_the_first_order(&rig).await;
+    body_rejections_are_problems_of_their_own_type(&rig).await;
+    a_cut_before_the_commit_leaves_no_order_and_no_record(&rig).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tx_creates_on_mysql() {
+    let Some(direct) = sql_servers::mysql_pool().await else {
+        return;
+    };
+    let (proxy, url) = proxied(&sql_servers::mysql_url(), 3306).await;
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&url)
+        .await
+        .expect("a pool through the proxy");
+    let rig = Rig::start(pool, direct, Some(proxy)).await;
+    creates_once_and_replays(&rig).await;
+    copies_during_a_slow_create_never_make_a_second_order(&rig).await;
+    a_client_that_times_out_and_retries_gets_the_first_order(&rig).await;
+    body_rejections_are_problems_of_their_own_type(&rig).await;
+    a_cut_before_the_commit_leaves_no_order_and_no_record(&rig).await;
+}
+
+/// A proxy in front of the server at `url`, and the URL through it.
+async fn proxied(url: &str, default_port: u16) -> (FaultProxy, String) {
+    let placeholder = "127.0.0.1:1".parse().expect("an address");
+    let (upstream, _) = proxy::through(url, default_port, placeholder);
+    let upstream = proxy::resolve(&upstream)
+        .await
+        .unwrap_or_else(|error| panic!("resolve {upstream}: {error}"));
+    let proxy = FaultProxy::start(upstream).await.expect("start the proxy");
+    let (_, through) = proxy::through(url, default_port, proxy.addr());
+    (proxy, through)
+}
