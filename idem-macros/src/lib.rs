@@ -199,7 +199,8 @@ use proc_macro::TokenStream;
 ///
 /// # At run time
 ///
-/// See `idem_runtime::run`, which the body is handed to: a completed key replays the stored
+/// See `idem_runtime::run`, which the body is handed to: the first call returns its result as
+/// the record decodes it (what every replay returns); a completed key replays the stored
 /// result without running the body; a key in progress gives `Error::InProgress` (do not ack,
 /// redeliver later) or, with `wait`, the first call's result; an `Err` from the body releases
 /// the claim so a retry runs again; a panic or a dropped future leaves the claim to expire

@@ -158,6 +158,11 @@ pub enum Error {
     /// A value could not be serialized (the result to store, or the payload to fingerprint),
     /// or the result does not deserialize from what it serialized to.
     ///
+    /// A result that deserializes to *another* value is not an error: `Some(None)` as
+    /// `Option<Option<_>>` comes back `None`, `Some(())` as `Option<()>` too, a
+    /// `#[serde(skip)]` field as its default. The call returns the value as it came back, to
+    /// the first caller as to every replay.
+    ///
     /// For a result this is raised after the body ran: its effect happened but cannot be
     /// recorded, so the claim is not released; it expires with its lease, and a delivery after
     /// that runs the body again. Fix the result type (check it with a round trip in a test).
