@@ -28,7 +28,15 @@ pub enum Error {
 
     /// The key was already used with a different payload: this is not a duplicate but a
     /// reused key, and replaying the stored result would be wrong.
-    #[error("key `{key}` of `{scope}` was already used with a different payload")]
+    ///
+    /// When the message is a redelivery of the same one, the usual cause is delivery metadata
+    /// in the fingerprinted payload (a broker message id, a delivery count, a send timestamp):
+    /// it differs between a message and its resend. Keep it out of the fingerprint with
+    /// `#[serde(skip_serializing)]` on the field (it is still decoded) or with
+    /// `fingerprint = (msg.amount, msg.currency)`.
+    #[error(
+        "key `{key}` of `{scope}` was already used with a different payload; if this is a redelivery, delivery metadata in the payload (a message id, a delivery count, a timestamp) is the usual cause: keep it out of the fingerprint with `#[serde(skip_serializing)]` or `fingerprint = (…)`"
+    )]
     FingerprintMismatch {
         /// The handler scope.
         scope: String,
