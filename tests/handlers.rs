@@ -320,7 +320,8 @@ async fn panicking_body_leaves_claim_to_expire<S: Store + 'static>(store: S, clo
     assert_eq!(runs.count(), 2);
 }
 
-macro_rules! falsy_handler {
+/// A handler on `key` that returns `$value`, counting its runs.
+macro_rules! handler_returning {
     ($name:ident, $ty:ty, $value:expr) => {
         #[idempotent(key = key, store = store)]
         async fn $name<S: Store>(store: &S, runs: &Runs, key: &str) -> Result<$ty, AppError> {
@@ -330,14 +331,14 @@ macro_rules! falsy_handler {
     };
 }
 
-falsy_handler!(unit, (), ());
-falsy_handler!(zero, i64, 0);
-falsy_handler!(no, bool, false);
-falsy_handler!(none, Option<u32>, None);
-falsy_handler!(empty_vec, Vec<String>, Vec::new());
-falsy_handler!(empty_string, String, String::new());
-falsy_handler!(empty_map, HashMap<String, u8>, HashMap::new());
-falsy_handler!(empty_tree, BTreeMap<u8, u8>, BTreeMap::new());
+handler_returning!(unit, (), ());
+handler_returning!(zero, i64, 0);
+handler_returning!(no, bool, false);
+handler_returning!(none, Option<u32>, None);
+handler_returning!(empty_vec, Vec<String>, Vec::new());
+handler_returning!(empty_string, String, String::new());
+handler_returning!(empty_map, HashMap<String, u8>, HashMap::new());
+handler_returning!(empty_tree, BTreeMap<u8, u8>, BTreeMap::new());
 
 /// Results that look like "nothing" replay exactly and do not make the body run again.
 async fn falsy_results_replay_exactly<S: Store>(store: S, _clock: ManualClock) {
@@ -362,6 +363,69 @@ async fn falsy_results_replay_exactly<S: Store>(store: S, _clock: ManualClock) {
         8,
         "each body ran once; the second round replayed"
     );
+}
+
+/// A result whose JSON form leaves a field out: it decodes with the field's default.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Annotated {
+    total: u64,
+    #[serde(skip)]
+    note: String,
+}
+
+handler_returning!(some_none, Option<Option<u32>>, Some(None));
+handler_returning!(some_unit, Option<()>, Some(()));
+handler_returning!(
+    annotated,
+    Annotated,
+    Annotated {
+        total: 7,
+        note: "set by the body".to_owned(),
+    }
+);
+
+/// What `value` becomes through its JSON form: what a replay decodes.
+fn decoded<T: serde::Serialize + serde::de::DeserializeOwned>(value: &T) -> T {
+    let json = serde_json::to_vec(value).expect("serializes");
+    serde_json::from_slice(&json).expect("deserializes")
+}
+
+/// Results whose JSON form decodes to another value (`Some(None)` and `Some(())` become
+/// `None`, a `#[serde(skip)]` field its default): the first caller gets the decoded value,
+/// the one every replay gets, and each body runs once.
+async fn first_caller_gets_what_replays_get<S: Store>(store: S, _clock: ManualClock) {
+    let runs = Runs::default();
+    let first = some_none(&store, &runs, "k").await.expect("some_none");
+    assert_eq!(first, decoded(&Some(None::<u32>)));
+    assert_eq!(first, None);
+    let first_unit = some_unit(&store, &runs, "k").await.expect("some_unit");
+    assert_eq!(first_unit, decoded(&Some(())));
+    assert_eq!(first_unit, None);
+    let first_annotated = annotated(&store, &runs, "k").await.expect("annotated");
+    let body_value = Annotated {
+        total: 7,
+        note: "set by the body".to_owned(),
+    };
+    assert_eq!(first_annotated, decoded(&body_value));
+    assert_eq!(
+        first_annotated,
+        Annotated {
+            total: 7,
+            note: String::new(),
+        }
+    );
+    for _ in 0..2 {
+        assert_eq!(some_none(&store, &runs, "k").await.expect("replay"), first);
+        assert_eq!(
+            some_unit(&store, &runs, "k").await.expect("replay"),
+            first_unit
+        );
+        assert_eq!(
+            annotated(&store, &runs, "k").await.expect("replay"),
+            first_annotated
+        );
+    }
+    assert_eq!(runs.count(), 3, "each body ran once; the others replayed");
 }
 
 /// An empty or blank key is an error before anything runs or is written.
@@ -1068,6 +1132,7 @@ macro_rules! store_module {
                 cancelled_call_leaves_claim_to_expire,
                 panicking_body_leaves_claim_to_expire,
                 falsy_results_replay_exactly,
+                first_caller_gets_what_replays_get,
                 empty_key_is_rejected,
                 stored_result_of_another_type_is_a_decode_error,
                 composite_keys_keep_tenants_apart,

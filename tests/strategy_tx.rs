@@ -16,6 +16,18 @@ struct Receipt {
     balance: i64,
 }
 
+/// A part of a result that its JSON form leaves out: it decodes with `note` empty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Noted {
+    balance: i64,
+    #[serde(skip)]
+    note: String,
+}
+
+/// What a handler returning `(Some(None), Some(()), Noted { note, .. })` hands back: the value
+/// its JSON form decodes to, on the first call as on every replay.
+type Lossy = (Option<Option<i64>>, Option<()>, Noted);
+
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
 
@@ -35,7 +47,7 @@ macro_rules! tx_tests {
             use sqlx::{AssertSqlSafe, Transaction};
             use tokio::sync::{Barrier, Notify};
 
-            use super::{LEASE, Receipt, TTL};
+            use super::{LEASE, Lossy, Noted, Receipt, TTL};
 
             type Db = $db;
 
@@ -280,6 +292,54 @@ macro_rules! tx_tests {
                 late.commit().await.expect("commit");
                 assert_eq!(replayed.expect("the late duplicate replays"), FIRST);
                 assert_eq!(bank.money().await, 150);
+            }
+
+            /// The debit, returning a result whose JSON form decodes to another value.
+            #[idempotent(key = order_no, store = store, strategy = "tx", tx = tx, scope = "tests.tx.lossy")]
+            async fn debit_lossy(
+                store: &$store,
+                tx: &mut Transaction<'_, Db>,
+                accounts: &str,
+                order_no: &str,
+            ) -> Result<Lossy, Error> {
+                let statement = ($p)(&format!("UPDATE {accounts} SET money = money - ? WHERE id = ?"));
+                sqlx::query(AssertSqlSafe(statement))
+                    .bind(50_i64)
+                    .bind(1_i64)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(|error| Error::Store(idem_runtime::StoreError::new("test", error)))?;
+                let statement = format!("SELECT money FROM {accounts} WHERE id = 1");
+                let balance: i64 = sqlx::query_scalar(AssertSqlSafe(statement))
+                    .fetch_one(&mut **tx)
+                    .await
+                    .map_err(|error| Error::Store(idem_runtime::StoreError::new("test", error)))?;
+                let note = "set by the body".to_owned();
+                Ok((Some(None), Some(()), Noted { balance, note }))
+            }
+
+            /// `Some(None)`, `Some(())` and a `#[serde(skip)]` field come back from the first
+            /// call as every replay decodes them (`None`, `None`, an empty note), and the
+            /// account is debited once.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn handler_first_caller_gets_what_replays_get() {
+                let Some(bank) = bank().await else {
+                    return;
+                };
+                let deliver = || async {
+                    let store = bank.store();
+                    let mut tx = store.pool().begin().await.expect("begin");
+                    let outcome = debit_lossy(store, &mut tx, &bank.accounts, "order-1").await;
+                    tx.commit().await.expect("commit");
+                    outcome
+                };
+                let decoded = (None, None, Noted { balance: 150, note: String::new() });
+                let first = deliver().await.expect("first");
+                assert_eq!(first, decoded, "the first caller gets the decoded result");
+                for _ in 0..2 {
+                    assert_eq!(deliver().await.expect("replay"), first);
+                }
+                assert_eq!(bank.money().await, 150, "the body ran once");
             }
 
             /// A fee charged by a handler of its own, called from inside another handler.

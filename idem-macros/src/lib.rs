@@ -93,7 +93,8 @@ use proc_macro::TokenStream;
 /// `Error::FingerprintMismatch` instead of replaying the wrong result. By default the argument
 /// the key is read from (or the arguments a key expression mentions) is hashed, so it must
 /// implement `Serialize`. Keep delivery metadata (a broker message id, a send timestamp) out
-/// of it with `#[serde(skip)]`, or a resend would look like a reused key.
+/// of it with `#[serde(skip_serializing)]` (the field is still decoded; `#[serde(skip)]`
+/// would leave it empty in the handler), or a resend would look like a reused key.
 /// `fingerprint = (msg.amount, msg.currency)` hashes something else; `fingerprint = false`
 /// turns the check off.
 ///
@@ -199,7 +200,8 @@ use proc_macro::TokenStream;
 ///
 /// # At run time
 ///
-/// See `idem_runtime::run`, which the body is handed to: a completed key replays the stored
+/// See `idem_runtime::run`, which the body is handed to: the first call returns its result as
+/// the record decodes it (what every replay returns); a completed key replays the stored
 /// result without running the body; a key in progress gives `Error::InProgress` (do not ack,
 /// redeliver later) or, with `wait`, the first call's result; an `Err` from the body releases
 /// the claim so a retry runs again; a panic or a dropped future leaves the claim to expire

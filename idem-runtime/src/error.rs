@@ -28,7 +28,15 @@ pub enum Error {
 
     /// The key was already used with a different payload: this is not a duplicate but a
     /// reused key, and replaying the stored result would be wrong.
-    #[error("key `{key}` of `{scope}` was already used with a different payload")]
+    ///
+    /// When the message is a redelivery of the same one, the usual cause is delivery metadata
+    /// in the fingerprinted payload (a broker message id, a delivery count, a send timestamp):
+    /// it differs between a message and its resend. Keep it out of the fingerprint with
+    /// `#[serde(skip_serializing)]` on the field (it is still decoded) or with
+    /// `fingerprint = (msg.amount, msg.currency)`.
+    #[error(
+        "key `{key}` of `{scope}` was already used with a different payload; if this is a redelivery, delivery metadata in the payload (a message id, a delivery count, a timestamp) is the usual cause: keep it out of the fingerprint with `#[serde(skip_serializing)]` or `fingerprint = (…)`"
+    )]
     FingerprintMismatch {
         /// The handler scope.
         scope: String,
@@ -157,6 +165,11 @@ pub enum Error {
 
     /// A value could not be serialized (the result to store, or the payload to fingerprint),
     /// or the result does not deserialize from what it serialized to.
+    ///
+    /// A result that deserializes to *another* value is not an error: `Some(None)` as
+    /// `Option<Option<_>>` comes back `None`, `Some(())` as `Option<()>` too, a
+    /// `#[serde(skip)]` field as its default. The call returns the value as it came back, to
+    /// the first caller as to every replay.
     ///
     /// For a result this is raised after the body ran: its effect happened but cannot be
     /// recorded, so the claim is not released; it expires with its lease, and a delivery after

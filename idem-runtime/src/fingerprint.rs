@@ -46,6 +46,44 @@ impl Fingerprint {
     /// The value is hashed in a canonical form: map entries are sorted by key, so a
     /// `HashMap` in a message gives the same fingerprint in every process.
     ///
+    /// What the value serializes to is hashed, so a field left out of serialization is left out
+    /// of the fingerprint. Mark delivery metadata that differs between a message and its resend
+    /// (a broker message id, a delivery count) `#[serde(skip_serializing)]`: it is still
+    /// decoded, so the handler sees it, and a resend is a duplicate. `#[serde(skip)]` would
+    /// keep it out of the fingerprint too, but also leave it empty when the message is decoded.
+    ///
+    /// ```
+    /// use idem_runtime::Fingerprint;
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct OrderPaid {
+    ///     order_no: String,
+    ///     amount: u64,
+    ///     #[serde(skip_serializing)]
+    ///     message_id: String,
+    /// }
+    ///
+    /// let first: OrderPaid =
+    ///     serde_json::from_str(r#"{"order_no": "A-1", "amount": 990, "message_id": "1-0"}"#)?;
+    /// let resend: OrderPaid =
+    ///     serde_json::from_str(r#"{"order_no": "A-1", "amount": 990, "message_id": "7-0"}"#)?;
+    /// assert_eq!((first.message_id.as_str(), resend.message_id.as_str()), ("1-0", "7-0"));
+    /// assert_eq!(Fingerprint::of(&first)?, Fingerprint::of(&resend)?);
+    ///
+    /// let reused = OrderPaid { amount: 1, ..resend };
+    /// assert_ne!(Fingerprint::of(&reused)?, Fingerprint::of(&first)?);
+    ///
+    /// #[derive(Deserialize)]
+    /// struct Skipped {
+    ///     #[serde(skip)]
+    ///     message_id: String,
+    /// }
+    /// let skipped: Skipped = serde_json::from_str(r#"{"message_id": "1-0"}"#)?;
+    /// assert_eq!(skipped.message_id, "", "`skip` loses the field on decode");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Error::Encode`] if the value cannot be serialized.

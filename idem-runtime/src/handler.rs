@@ -168,12 +168,15 @@ const fn whole_millis(duration: Duration) -> Duration {
 ///   returned, and `body` is not polled. If another call holds it, [`Error::InProgress`] is
 ///   returned (or, with [`Policy::with_wait`], the call waits for that result). If it was used
 ///   with another `fingerprint`, [`Error::FingerprintMismatch`] is returned.
-/// * Otherwise `body` runs. `Ok(value)` is serialized (JSON) and recorded before it is
-///   returned; if the record cannot be written (the lease was lost, the store failed) that
-///   error is returned instead, because the result was not recorded: a later delivery may run
-///   the body again once the claim expires. A result that cannot be serialized, or does not
-///   deserialize back, is [`Error::Encode`] and leaves the claim to expire as well. `Err`
-///   releases the claim so the next delivery runs the body again at once.
+/// * Otherwise `body` runs. `Ok(value)` is serialized (JSON) and recorded, and what the record
+///   decodes to is returned: the value every replay gets, which differs from `value` when its
+///   JSON form loses something (`Some(None)` as `Option<Option<_>>` comes back `None`,
+///   `Some(())` as `Option<()>` too, a `#[serde(skip)]` field comes back as its default). If
+///   the record cannot be written (the lease was lost, the store failed) that error is
+///   returned instead, because the result was not recorded: a later delivery may run the body
+///   again once the claim expires. A result that cannot be serialized, or does not deserialize
+///   back, is [`Error::Encode`] and leaves the claim to expire as well. `Err` releases the
+///   claim so the next delivery runs the body again at once.
 /// * If the returned future is dropped (cancelled) or `body` panics, the claim is left to
 ///   expire with its lease: until then duplicates get [`Error::InProgress`].
 /// * If the claim fails with [`Error::Store`], that error is returned and `body` is not polled
@@ -269,8 +272,8 @@ where
     // The body ran, so its effect happened: a result that cannot be recorded must not
     // release the claim (the next delivery would repeat the effect at once). The claim is left
     // to expire with its lease, and the error says why.
-    let stored = match encode(&value) {
-        Ok(stored) => stored,
+    let Encoded { stored, decoded } = match encode(&value) {
+        Ok(encoded) => encoded,
         Err(error) => {
             span.record("outcome", "failed");
             tracing::error!(%error, "the body ran but its result cannot be recorded; the claim is left to expire");
@@ -280,7 +283,7 @@ where
     match store.complete(key, &lease, &stored, policy.ttl).await {
         Ok(()) => {
             span.record("outcome", "executed");
-            Ok(value)
+            Ok(decoded)
         }
         Err(error) => {
             span.record("outcome", outcome_of(&error));
@@ -388,19 +391,30 @@ where
     (body.await, lease)
 }
 
-/// Serializes a result and checks that it decodes again: a value that does not survive the
-/// round trip (a map with non-string keys, a `NaN`, a type whose `Deserialize` rejects what
-/// its `Serialize` wrote) would otherwise be stored and fail every replay.
-pub(crate) fn encode<T: Serialize + DeserializeOwned>(value: &T) -> Result<Vec<u8>, Error> {
+/// A result as it is recorded.
+pub(crate) struct Encoded<T> {
+    /// The bytes the store keeps.
+    pub(crate) stored: Vec<u8>,
+    /// What `stored` decodes to: what every replay returns, so what the first caller gets too.
+    pub(crate) decoded: T,
+}
+
+/// Serializes a result and decodes it again. A value that does not survive the round trip (a
+/// map with non-string keys, a `NaN`, a type whose `Deserialize` rejects what its `Serialize`
+/// wrote) is an error: it would otherwise be stored and fail every replay. A value that comes
+/// back as another value (`Some(None)` as `Option<Option<_>>` is `None`, a `#[serde(skip)]`
+/// field gets its default) is returned as it came back, so the first caller sees what the
+/// replays will.
+pub(crate) fn encode<T: Serialize + DeserializeOwned>(value: &T) -> Result<Encoded<T>, Error> {
     let stored = serde_json::to_vec(value).map_err(|source| Error::Encode {
         what: "handler's result",
         source,
     })?;
-    serde_json::from_slice::<T>(&stored).map_err(|source| Error::Encode {
+    let decoded = serde_json::from_slice::<T>(&stored).map_err(|source| Error::Encode {
         what: "handler's result (it serializes, but does not deserialize back)",
         source,
     })?;
-    Ok(stored)
+    Ok(Encoded { stored, decoded })
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(key: &RecordKey, stored: &[u8]) -> Result<T, Error> {

@@ -139,6 +139,7 @@ mod tx {
     use super::{HandlerError, HandlerResult, Replayable};
     use sqlx::Transaction;
 
+    use crate::handler::Encoded;
     use crate::tx::{TxClaim, TxLease, TxStore};
     use crate::{Error, Fingerprint, Policy, RecordKey};
 
@@ -212,8 +213,9 @@ mod tx {
         }
     }
 
-    /// Records the body's result in the transaction, or rolls its writes back to the
-    /// savepoint when it failed (or its result cannot be recorded).
+    /// Records the body's result in the transaction and returns what the record decodes to
+    /// (what a replay returns), or rolls its writes back to the savepoint when it failed (or
+    /// its result cannot be recorded).
     pub async fn tx_end<R, S>(
         store: &S,
         tx: &mut Transaction<'_, S::Database>,
@@ -235,13 +237,14 @@ mod tx {
                 Err(error)
             }
             Ok(value) => match crate::handler::encode(&value) {
-                Ok(stored) => match store
+                Ok(Encoded { stored, decoded }) => match store
                     .complete_in(tx, &key, &claim, &stored, policy.ttl())
                     .await
                 {
                     Ok(()) => {
                         span.record("outcome", "executed");
-                        return R::from_result(Ok(value));
+                        // What the record decodes to, as a replay returns it.
+                        return R::from_result(Ok(decoded));
                     }
                     Err(error) => {
                         span.record("outcome", crate::handler::outcome_of(&error));
