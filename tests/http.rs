@@ -196,6 +196,11 @@ async fn first_request_runs_and_retries_replay<S: Store + 'static>(store: S) {
         assert!(retry.replayed(), "a retry is marked as a replay");
         assert_eq!(retry.headers[header::LOCATION], "/orders/A-1");
         assert_eq!(retry.created(), first.created());
+        // The first caller gets what every replay gets, but for the replay's mark.
+        let mut headers = retry.headers.clone();
+        headers.remove(IDEMPOTENT_REPLAYED);
+        assert_eq!(headers, first.headers);
+        assert_eq!(retry.body, first.body);
     }
     assert_eq!(shop.runs.load(Ordering::SeqCst), 1);
 }
@@ -664,4 +669,116 @@ async fn response_not_recorded_is_502_outcome_unknown() {
     );
     assert!(answer.body.contains("409 until then"), "{}", answer.body);
     assert_eq!(shop.runs.load(Ordering::SeqCst), 1);
+}
+
+/// A buffer the log lines of a test go to.
+#[derive(Clone, Default)]
+struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn text(&self) -> String {
+        let bytes = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// `POST /tx` in `tx` mode: takes the request's transaction and answers `201`.
+async fn in_its_transaction(mut tx: idem_runtime::http::Tx<sqlx::Sqlite>) -> StatusCode {
+    match sqlx::query("SELECT 1").execute(&mut **tx).await {
+        Ok(_) => StatusCode::CREATED,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Each answered request logs one line with its outcome, in both modes, and the outcome shows
+/// once in it (a span field recorded twice would show twice); a `503` is logged.
+#[tokio::test]
+async fn each_answer_logs_its_outcome_once() {
+    let lines = Lines::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let lines = lines.clone();
+            move || lines.clone()
+        })
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .finish();
+    // A current-thread runtime: the layers' tasks run on this thread and see this subscriber.
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let (router, _) = app(layer(idem_runtime::MemoryStore::new()));
+    for _ in 0..2 {
+        send(
+            &router,
+            post_to("/orders", Some("k-14"), Some("alice"), ORDER),
+        )
+        .await;
+    }
+    let down = idem_runtime::sqlite::SqliteStore::in_memory()
+        .await
+        .expect("open SQLite");
+    down.migrate().await.expect("migrate");
+    down.pool().close().await;
+    let (router, _) = app(layer(down));
+    let refused = send(
+        &router,
+        post_to("/orders", Some("k-15"), Some("alice"), ORDER),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let store = idem_runtime::sqlite::SqliteStore::in_memory()
+        .await
+        .expect("open SQLite");
+    store.migrate().await.expect("migrate");
+    let in_tx = IdempotencyLayer::in_tx(store, "tx.logged").expect("a scope");
+    let router = Router::new().route("/tx", post(in_its_transaction).layer(in_tx));
+    for _ in 0..2 {
+        let answer = send(&router, post_to("/tx", Some("k-16"), Some("alice"), "{}")).await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    }
+
+    let text = lines.text();
+    let answered: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("answered"))
+        .collect();
+    assert_eq!(answered.len(), 5, "{text}");
+    for line in &answered {
+        assert_eq!(line.matches("outcome=").count(), 1, "{line}");
+    }
+    for outcome in ["executed", "replayed", "store_error"] {
+        assert_eq!(
+            answered
+                .iter()
+                .filter(|line| line.contains(&format!("outcome=\"{outcome}\""))
+                    || line.contains(&format!("outcome={outcome}")))
+                .count(),
+            if outcome == "store_error" { 1 } else { 2 },
+            "{outcome}: {text}"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|line| line.contains("WARN") && line.contains("503")),
+        "the 503 is logged: {text}"
+    );
 }

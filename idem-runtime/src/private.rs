@@ -231,11 +231,10 @@ mod tx {
         S: TxStore + ?Sized,
     {
         let span = Span::current();
-        let recorded = match output.into_result() {
-            Err(error) => {
-                span.record("outcome", "failed");
-                Err(error)
-            }
+        // The outcome is recorded once, when it is known: a field recorded twice shows twice
+        // in a formatted line.
+        let (recorded, outcome) = match output.into_result() {
+            Err(error) => (Err(error), "failed"),
             Ok(value) => match crate::handler::encode(&value) {
                 Ok(Encoded { stored, decoded }) => match store
                     .complete_in(tx, &key, &claim, &stored, policy.ttl())
@@ -247,21 +246,21 @@ mod tx {
                         return R::from_result(Ok(decoded));
                     }
                     Err(error) => {
-                        span.record("outcome", crate::handler::outcome_of(&error));
-                        Err(R::Err::from(error))
+                        let outcome = crate::handler::outcome_of(&error);
+                        (Err(R::Err::from(error)), outcome)
                     }
                 },
-                Err(error) => {
-                    span.record("outcome", "failed");
-                    Err(R::Err::from(error))
-                }
+                Err(error) => (Err(R::Err::from(error)), "failed"),
             },
         };
         // Nothing of this call may be committed: undo its claim and its writes. If that fails,
         // the transaction still holds them (or is gone): that error is the one the caller must
         // act on, by rolling the transaction back.
         match store.abandon_in(tx, &claim).await {
-            Ok(()) => R::from_result(recorded),
+            Ok(()) => {
+                span.record("outcome", outcome);
+                R::from_result(recorded)
+            }
             Err(error) => {
                 span.record("outcome", "store_error");
                 tracing::error!(%error, "the call failed and its writes could not be undone");

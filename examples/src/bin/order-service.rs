@@ -14,7 +14,8 @@
 //! publishes the outbox once it can. On Ctrl-C the server stops taking requests, and the
 //! creates still running (those whose clients went away too) finish before it exits.
 //!
-//! `RUST_LOG` filters the log lines (default `info`).
+//! `RUST_LOG` filters the log lines (default `info,idem_runtime=debug`: a line per request
+//! with idem's outcome).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -89,7 +90,8 @@ impl Args {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,idem_runtime=debug".into()),
         )
         .with_target(false)
         .init();

@@ -17,6 +17,7 @@ use super::request::{
     Prepared, call, handler_failed, outcome_unknown, prepare, read_response, refused,
 };
 use super::stored::StoredResponse;
+use crate::handler::outcome_of;
 use crate::{Error, Fingerprint, RecordKey, Store};
 
 /// The mode of [`IdempotencyLayer::new`]: the key is claimed in the store, the handler runs,
@@ -119,6 +120,7 @@ where
             Err(error) => Err(Failure::Body(error)),
         }
     };
+    let (scope, key) = (record.scope().to_owned(), record.key().to_owned());
     let outcome = crate::run(
         &*layer.store,
         record,
@@ -127,27 +129,43 @@ where
         body,
     )
     .await;
-    match outcome {
-        Ok(stored) => stored.into_response(started.get().is_none()),
-        Err(Failure::NotKept(response)) => response,
-        Err(Failure::Body(error)) => outcome_unknown(
-            &error,
-            "the handler ran, but its response body could not be read, so it was not recorded and the key was released: a retry with the same Idempotency-Key runs the request again, at once".to_owned(),
-            Duration::from_secs(1),
+    let (response, outcome) = match outcome {
+        Ok(stored) => match started.get() {
+            None => (stored.into_response(true), "replayed"),
+            Some(_) => (stored.into_response(false), "executed"),
+        },
+        Err(Failure::NotKept(response)) => (response, "failed"),
+        Err(Failure::Body(error)) => (
+            outcome_unknown(
+                &error,
+                "the handler ran, but its response body could not be read, so it was not recorded and the key was released: a retry with the same Idempotency-Key runs the request again, at once".to_owned(),
+                Duration::from_secs(1),
+            ),
+            "outcome_unknown",
         ),
         Err(Failure::Idem(error)) => match started.get() {
             Some(at) if !matches!(error, Error::LeaseLost { .. }) => {
                 let left = settings.policy.lease().saturating_sub(at.elapsed());
-                outcome_unknown(
+                let response = outcome_unknown(
                     &error,
                     format!(
                         "the handler ran, but its response could not be recorded ({error}), so whether it took effect is not known here. The key stays in progress until its lease ends, in about {} s: a retry with the same Idempotency-Key gets 409 until then and runs the request again after that",
                         left.as_millis().div_ceil(1000)
                     ),
                     left,
-                )
+                );
+                (response, "outcome_unknown")
             }
-            _ => refused(settings, &error),
+            _ => (refused(settings, &error), outcome_of(&error)),
         },
-    }
+    };
+    // After the call's span closed: the outcome shows once.
+    tracing::debug!(
+        scope,
+        key,
+        outcome,
+        status = response.status().as_u16(),
+        "answered"
+    );
+    response
 }

@@ -235,7 +235,13 @@ where
         ),
         None => tracing::Span::none(),
     };
-    let run = in_tx(layer, inner, keyed, request).instrument(span);
+    let run = async move {
+        let response = in_tx(layer, inner, keyed, request).await;
+        // Inside the span, which shows the outcome.
+        tracing::debug!(status = response.status().as_u16(), "answered");
+        response
+    }
+    .instrument(span);
     match running.spawn(run.in_current_span()).await {
         Ok(response) => response,
         Err(join) => handler_failed(
