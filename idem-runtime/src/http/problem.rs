@@ -44,7 +44,7 @@ impl Problem {
 
     /// A request body the handler cannot take (`400`, `415` or `422` as the rejection says),
     /// of the type [`BODY_INVALID`], which tells it from a key reused with another request
-    /// ([`KEY_REUSED`], also `422`).
+    /// ([`KEY_REUSED`](super::problem_type::KEY_REUSED), also `422`).
     ///
     /// ```
     /// use axum::http::StatusCode;
