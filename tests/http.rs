@@ -782,3 +782,81 @@ async fn each_answer_logs_its_outcome_once() {
         "the 503 is logged: {text}"
     );
 }
+
+/// How often `/tx/flaky` ran: it inserts a row, then answers `500` on its first run.
+static FLAKY_TX_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+async fn flaky_in_its_transaction(mut tx: idem_runtime::http::Tx<sqlx::Sqlite>) -> StatusCode {
+    let run = FLAKY_TX_RUNS.fetch_add(1, Ordering::SeqCst);
+    if sqlx::query("INSERT INTO effects (run) VALUES (?)")
+        .bind(i64::try_from(run).unwrap_or(i64::MAX))
+        .execute(&mut **tx)
+        .await
+        .is_err()
+    {
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    if run == 0 {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::CREATED
+    }
+}
+
+/// In `tx` mode a response that is not final rolls the handler's writes back with the claim,
+/// so the retry runs once more and its writes are the only ones; a request without a key (on
+/// a route that does not require one) runs in a transaction too, committed.
+#[tokio::test]
+async fn tx_mode_rolls_back_what_is_not_final() {
+    let store = idem_runtime::sqlite::SqliteStore::in_memory()
+        .await
+        .expect("open SQLite");
+    store.migrate().await.expect("migrate");
+    sqlx::query("CREATE TABLE effects (run INTEGER NOT NULL)")
+        .execute(store.pool())
+        .await
+        .expect("a table");
+    let pool = store.pool().clone();
+    let in_tx = IdempotencyLayer::in_tx(store, "tx.flaky")
+        .expect("a scope")
+        .required(false);
+    let router = Router::new().route("/tx/flaky", post(flaky_in_its_transaction).layer(in_tx));
+    let effects = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM effects")
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+    };
+    let first = send(&router, post_to("/tx/flaky", Some("k-17"), None, "{}")).await;
+    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(effects().await, 0, "the 500 rolled its insert back");
+    let retry = send(&router, post_to("/tx/flaky", Some("k-17"), None, "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(!retry.replayed(), "the key was free: the retry ran");
+    let again = send(&router, post_to("/tx/flaky", Some("k-17"), None, "{}")).await;
+    assert!(again.replayed());
+    assert_eq!(effects().await, 1);
+    let unkeyed = send(&router, post_to("/tx/flaky", None, None, "{}")).await;
+    assert_eq!(unkeyed.status, StatusCode::CREATED);
+    assert_eq!(
+        effects().await,
+        2,
+        "an unkeyed request's writes are committed"
+    );
+    assert_eq!(FLAKY_TX_RUNS.load(Ordering::SeqCst), 3);
+}
+
+/// A handler that takes a `Tx` on a route without the `tx`-mode layer is refused with a
+/// problem that says so, not a panic.
+#[tokio::test]
+async fn a_tx_without_its_layer_is_a_500_problem() {
+    let router = Router::new().route("/tx", post(in_its_transaction));
+    let answer = send(&router, post_to("/tx", Some("k-18"), None, "{}")).await;
+    answer.assert_problem(StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(answer.problem_type(), problem_type::HANDLER_FAILED);
+    assert!(
+        answer.body.contains("IdempotencyLayer::in_tx"),
+        "{}",
+        answer.body
+    );
+}

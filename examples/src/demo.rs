@@ -1682,9 +1682,14 @@ async fn concurrent_creates(
             money(order.amount_cents)
         ),
         format_args!(
-            "{} × 201 Created {}, {replayed} × 201 Idempotent-Replayed, {busy} × 409 in progress",
+            "{} × 201 Created {}, {replayed} × 201 Idempotent-Replayed{}",
             8 - replayed - busy,
-            order.name()
+            order.name(),
+            if busy > 0 {
+                format!(", {busy} × 409 in progress")
+            } else {
+                " (the copies waited on the record's row lock)".to_owned()
+            }
         ),
     ));
     if busy > 0 {

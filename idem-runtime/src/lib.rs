@@ -71,7 +71,11 @@
 //! # HTTP
 //!
 //! With the feature `axum`, [`http::IdempotencyLayer`] makes an axum route idempotent by its
-//! `Idempotency-Key` header: retries get the stored response, concurrent copies a `409`.
+//! `Idempotency-Key` header: retries get the stored response, concurrent copies a `409`, and a
+//! client that disconnects does not cut the handler off. In `tx` mode
+//! ([`IdempotencyLayer::in_tx`](http::IdempotencyLayer::in_tx), SQL stores) the handler takes
+//! the request's transaction ([`http::Tx`]), in which the key is claimed and its response
+//! stored, committed with its writes.
 //!
 //! # Stores
 //!
