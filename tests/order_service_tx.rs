@@ -320,6 +320,50 @@ where
     assert_eq!(held(rig, &client, "k-4").await, (1, 1));
 }
 
+/// A copy of a create that takes longer than the layer's wait (1 s by default) gives up on the
+/// record's row lock with `409` instead of holding a connection until the first commits; the
+/// first commits once, and a retry after it replays.
+async fn a_copy_of_a_create_slower_than_the_wait_gets_409<DB: OrderDb>(rig: &Rig<DB>)
+where
+    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let client = Client::new();
+    rig.service.pause_each_create(Duration::from_millis(3000));
+    let request = client.create("k-5", 8000);
+    let inserted = rig.service.inserted().notified();
+    tokio::pin!(inserted);
+    inserted.as_mut().enable();
+    let first = tokio::spawn({
+        let (addr, request) = (rig.addr, request.clone());
+        async move { send(addr, &request).await }
+    });
+    inserted.await;
+    let started = std::time::Instant::now();
+    let copy = send(rig.addr, &request).await.expect("loopback");
+    let waited = started.elapsed();
+    rig.service.pause_each_create(Duration::ZERO);
+    assert_eq!(copy.status, 409, "{copy:?}");
+    assert_eq!(
+        copy.problem_type().as_deref(),
+        Some(problem_type::IN_PROGRESS)
+    );
+    assert_eq!(copy.retry_after(), Some(1));
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(2900),
+        "the copy waited about the layer's wait, not the whole create: {waited:?}"
+    );
+    let first = first.await.expect("the first").expect("loopback");
+    assert_eq!(first.status, 201, "{}", first.body);
+    let retry = send(rig.addr, &request).await.expect("loopback");
+    assert!(retry.replayed());
+    assert_eq!(order_no(&retry), order_no(&first));
+    assert_eq!(held(rig, &client, "k-5").await, (1, 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tx_creates_on_sqlite() {
     let file = idem_tests::sqlite_file::TempDb::new("orders_tx");
@@ -352,6 +396,7 @@ async fn tx_creates_on_postgres() {
     a_client_that_times_out_and_retries_gets_the_first_order(&rig).await;
     body_rejections_are_problems_of_their_own_type(&rig).await;
     a_cut_before_the_commit_leaves_no_order_and_no_record(&rig).await;
+    a_copy_of_a_create_slower_than_the_wait_gets_409(&rig).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -372,6 +417,7 @@ async fn tx_creates_on_mysql() {
     a_client_that_times_out_and_retries_gets_the_first_order(&rig).await;
     body_rejections_are_problems_of_their_own_type(&rig).await;
     a_cut_before_the_commit_leaves_no_order_and_no_record(&rig).await;
+    a_copy_of_a_create_slower_than_the_wait_gets_409(&rig).await;
 }
 
 /// A proxy in front of the server at `url`, and the URL through it.

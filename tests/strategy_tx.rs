@@ -647,3 +647,85 @@ async fn postgres_failed_claim_leaves_the_transaction_usable() {
     assert_eq!(one, 1);
     tx.rollback().await.expect("roll back");
 }
+
+/// `claim_in_within` on PostgreSQL and MariaDB: a claim behind another transaction's
+/// uncommitted claim of the key gives up after its wait with `InProgress` (instead of holding
+/// its connection until the other commits), the wait's bound is lifted again for the rest of
+/// the transaction, and once the other commits a claim replays.
+macro_rules! claim_within_bounds_the_wait {
+    ($name:ident, $pool:path, $store:path, $show:literal) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $name() {
+            use std::time::{Duration, Instant};
+
+            use idem_runtime::tx::{TxClaim, TxStore};
+            use idem_runtime::{Error, RecordKey};
+
+            let Some(pool) = $pool().await else {
+                return;
+            };
+            let store = $store(pool, idem_runtime::clock::SystemClock).await;
+            let store = &store.store;
+            let key = RecordKey::new("tests.tx.within", "w-1").expect("key");
+            let mut first = store.pool().begin().await.expect("begin");
+            let TxClaim::Run(claim) = store
+                .claim_in(&mut first, &key, None, LEASE)
+                .await
+                .expect("the first claim")
+            else {
+                panic!("a new key is claimed");
+            };
+
+            let mut copy = store.pool().begin().await.expect("begin");
+            let before: String = sqlx::query_scalar($show)
+                .fetch_one(&mut *copy)
+                .await
+                .expect("the timeout");
+            let started = Instant::now();
+            let waited = store
+                .claim_in_within(&mut copy, &key, None, LEASE, Duration::from_millis(800))
+                .await;
+            let took = started.elapsed();
+            assert!(
+                matches!(waited, Err(Error::InProgress { .. })),
+                "{waited:?}"
+            );
+            assert!(
+                took >= Duration::from_millis(700) && took < Duration::from_secs(10),
+                "waited {took:?}"
+            );
+            let after: String = sqlx::query_scalar($show)
+                .fetch_one(&mut *copy)
+                .await
+                .expect("the timeout, after");
+            assert_eq!(after, before, "the bound is lifted after the claim");
+            copy.rollback().await.expect("rollback");
+
+            store
+                .complete_in(&mut first, &key, &claim, b"\"done\"", TTL)
+                .await
+                .expect("complete");
+            first.commit().await.expect("commit");
+            let mut later = store.pool().begin().await.expect("begin");
+            let replayed = store
+                .claim_in_within(&mut later, &key, None, LEASE, Duration::from_millis(800))
+                .await
+                .expect("a claim after the commit");
+            assert_eq!(replayed, TxClaim::Completed(b"\"done\"".to_vec()));
+        }
+    };
+}
+
+claim_within_bounds_the_wait!(
+    postgres_claim_within_bounds_the_wait,
+    idem_tests::sql_servers::postgres_pool,
+    idem_tests::sql_servers::postgres_store,
+    "SELECT current_setting('lock_timeout')"
+);
+
+claim_within_bounds_the_wait!(
+    mysql_claim_within_bounds_the_wait,
+    idem_tests::sql_servers::mysql_pool,
+    idem_tests::sql_servers::mysql_store,
+    "SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS CHAR)"
+);

@@ -63,6 +63,23 @@ pub trait Backend: Database + sealed::Sealed {
     /// What turns a `SELECT` into a read of the latest committed row (MySQL's consistent reads
     /// would otherwise see the transaction's snapshot).
     const LOCKING_READ: &'static str = "";
+
+    /// The statement that bounds how long the statements after it in a transaction wait for a
+    /// row lock to `wait`, and the one that lifts the bound again; `None` where idem leaves it
+    /// to the database (SQLite, whose writers wait out the busy timeout).
+    #[doc(hidden)]
+    fn lock_wait(wait: Duration) -> Option<(String, &'static str)> {
+        let _ = wait;
+        None
+    }
+
+    /// Whether `error` is a row-lock wait that ran out of the time [`lock_wait`](Self::lock_wait)
+    /// gave it.
+    #[doc(hidden)]
+    fn is_lock_timeout(error: &sqlx::Error) -> bool {
+        let _ = error;
+        false
+    }
 }
 
 #[cfg(feature = "sqlite")]
@@ -111,6 +128,20 @@ impl Backend for sqlx::Postgres {
     }
 
     const LOCKING_READ: &'static str = " FOR SHARE";
+
+    fn lock_wait(wait: Duration) -> Option<(String, &'static str)> {
+        // Local to the transaction: it ends with it, whatever happens.
+        let millis = wait.as_millis().clamp(1, i32::MAX as u128);
+        Some((
+            format!("SET LOCAL lock_timeout = {millis}"),
+            "SET LOCAL lock_timeout TO DEFAULT",
+        ))
+    }
+
+    fn is_lock_timeout(error: &sqlx::Error) -> bool {
+        // lock_not_available
+        matches!(error, sqlx::Error::Database(database) if database.code().as_deref() == Some("55P03"))
+    }
 }
 
 #[cfg(feature = "mysql")]
@@ -136,6 +167,25 @@ impl Backend for sqlx::MySql {
     }
 
     const LOCKING_READ: &'static str = " LOCK IN SHARE MODE";
+
+    fn lock_wait(wait: Duration) -> Option<(String, &'static str)> {
+        // Whole seconds, at least one; the session's value is set back after the claim.
+        let seconds = wait.as_millis().div_ceil(1000).clamp(1, 1 << 30);
+        Some((
+            format!("SET SESSION innodb_lock_wait_timeout = {seconds}"),
+            "SET SESSION innodb_lock_wait_timeout = DEFAULT",
+        ))
+    }
+
+    fn is_lock_timeout(error: &sqlx::Error) -> bool {
+        // ER_LOCK_WAIT_TIMEOUT
+        match error {
+            sqlx::Error::Database(database) => database
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .is_some_and(|mysql| mysql.number() == 1205),
+            _ => false,
+        }
+    }
 }
 
 /// The statements every dialect writes alike, for one table.
@@ -382,6 +432,55 @@ pub(crate) fn claim_error<DB: Backend>(key: &RecordKey, error: sqlx::Error) -> E
         }
         _ => store_error::<DB>(error),
     }
+}
+
+/// [`TxStore::claim_in`](crate::tx::TxStore::claim_in) with the wait on another transaction's
+/// record bounded by `wait` where the database lets idem bound it: a claim that waited that
+/// long is [`Error::InProgress`].
+pub(crate) async fn claim_in_within<DB, F>(
+    tx: &mut sqlx::Transaction<'_, DB>,
+    key: &RecordKey,
+    lease: Duration,
+    wait: Duration,
+    claim: F,
+) -> Result<TxClaim, Error>
+where
+    DB: Backend,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    F: AsyncFnOnce(&mut sqlx::Transaction<'_, DB>) -> Result<TxClaim, Error>,
+{
+    let Some((bound, unbound)) = DB::lock_wait(wait) else {
+        return claim(tx).await;
+    };
+    sqlx::raw_sql(AssertSqlSafe(bound))
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error::<DB>)?;
+    let claimed = match claim(tx).await {
+        Err(Error::Store(store)) if is_lock_timeout::<DB>(&store) => Err(Error::InProgress {
+            scope: key.scope().to_owned(),
+            key: key.key().to_owned(),
+            retry_after: lease,
+        }),
+        other => other,
+    };
+    // The handler's own statements wait as the session says; and on MySQL the session outlives
+    // the transaction, on its pooled connection.
+    let lifted = sqlx::raw_sql(AssertSqlSafe(unbound.to_owned()))
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error::<DB>);
+    match (claimed, lifted) {
+        (claimed, Ok(_)) => claimed,
+        (Err(claim), Err(_)) => Err(claim),
+        (Ok(_), Err(error)) => Err(error),
+    }
+}
+
+fn is_lock_timeout<DB: Backend>(store: &StoreError) -> bool {
+    std::error::Error::source(store)
+        .and_then(|source| source.downcast_ref::<sqlx::Error>())
+        .is_some_and(DB::is_lock_timeout)
 }
 
 /// Whether `error` is a deadlock or serialization failure: the database rolled the
@@ -724,6 +823,20 @@ macro_rules! sql_store {
                     }
                 }
                 $crate::sql::settle_in::<$db>(&mut **tx, key, savepoint, claim).await
+            }
+
+            async fn claim_in_within(
+                &self,
+                tx: &mut ::sqlx::Transaction<'_, $db>,
+                key: &RecordKey,
+                fingerprint: Option<&Fingerprint>,
+                lease: ::std::time::Duration,
+                wait: ::std::time::Duration,
+            ) -> Result<$crate::tx::TxClaim, Error> {
+                $crate::sql::claim_in_within::<$db, _>(tx, key, lease, wait, async |tx| {
+                    $crate::tx::TxStore::claim_in(self, tx, key, fingerprint, lease).await
+                })
+                .await
             }
 
             async fn complete_in(

@@ -119,6 +119,26 @@ pub trait TxStore: Store {
         lease: Duration,
     ) -> impl Future<Output = Result<TxClaim, Error>> + Send;
 
+    /// [`claim_in`](Self::claim_in), waiting at most `wait` for another transaction that
+    /// holds the record's row lock (a copy of this call that has not committed): after that
+    /// the claim gives up with [`Error::InProgress`] instead of holding its connection until
+    /// the other commits. PostgreSQL bounds the wait to the millisecond (`lock_timeout`),
+    /// MySQL / MariaDB to whole seconds (`innodb_lock_wait_timeout`, set back after the
+    /// claim); on SQLite, where a writer waits for any other writer, the pool's busy timeout
+    /// applies and its expiry is [`Error::Store`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`claim_in`](Self::claim_in).
+    fn claim_in_within(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Self::Database>,
+        key: &RecordKey,
+        fingerprint: Option<&Fingerprint>,
+        lease: Duration,
+        wait: Duration,
+    ) -> impl Future<Output = Result<TxClaim, Error>> + Send;
+
     /// Records `result` for `claim` in the transaction, kept for `ttl` once it is committed,
     /// and releases the claim's savepoint.
     ///
@@ -168,6 +188,17 @@ macro_rules! forward_tx_store {
                 lease: Duration,
             ) -> impl Future<Output = Result<TxClaim, Error>> + Send {
                 (**self).claim_in(tx, key, fingerprint, lease)
+            }
+
+            fn claim_in_within(
+                &self,
+                tx: &mut sqlx::Transaction<'_, Self::Database>,
+                key: &RecordKey,
+                fingerprint: Option<&Fingerprint>,
+                lease: Duration,
+                wait: Duration,
+            ) -> impl Future<Output = Result<TxClaim, Error>> + Send {
+                (**self).claim_in_within(tx, key, fingerprint, lease, wait)
             }
 
             fn complete_in(

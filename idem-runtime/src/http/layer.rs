@@ -135,8 +135,10 @@ impl<S, M> IdempotencyLayer<S, M> {
     }
 
     /// How long responses are kept (`ttl`), how long a running request holds its key
-    /// (`lease`, with `heartbeat` for long handlers) and whether a retry waits for it (`wait`;
-    /// `claim` mode: in `tx` mode a copy waits on the record's row lock).
+    /// (`lease`, with `heartbeat` for long handlers) and how long a copy of a running request
+    /// waits for its response (`wait`; without it a copy gets `409` at once in `claim` mode,
+    /// and after [`DEFAULT_TX_WAIT`](super::DEFAULT_TX_WAIT) on the record's row lock in `tx`
+    /// mode).
     #[must_use]
     pub fn policy(mut self, policy: Policy) -> Self {
         self.settings.policy = policy;

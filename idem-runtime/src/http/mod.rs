@@ -29,7 +29,7 @@
 //! | the handler's effects | anything: other services, files, the database | writes to the store's database, through the [`Tx`] it is handed |
 //! | the record | claimed, then completed with the response, in the store | claimed and completed in the handler's own transaction, committed with its writes |
 //! | the process dies, or the store's connection is cut, after the effect and before the record | the key stays in progress until its lease ends; a retry after that **runs the handler again** | the transaction is rolled back with the effect; a retry runs the handler once |
-//! | a copy while the first runs | `409` (or waits, with a [`Policy`] `wait`) | waits for the first's commit on the record's row lock, then replays; `409` if the first is a `claim`-mode request |
+//! | a copy while the first runs | `409` (or waits, with a [`Policy`] `wait`) | waits for the first's commit on the record's row lock, then replays; `409` after the [`Policy`] `wait` ([`DEFAULT_TX_WAIT`], 1 s) |
 //!
 //! Use `tx` for handlers whose effects are database writes (creating an order, moving money
 //! between rows): a crash anywhere leaves either the effect and its stored response, or
@@ -103,7 +103,7 @@ pub use layer::{DEFAULT_MAX_BODY, DEFAULT_RETRY_AFTER, Idempotency, IdempotencyL
 pub use problem::Problem;
 pub use stored::IDEMPOTENT_REPLAYED;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
-pub use tx::{Tx, TxMode};
+pub use tx::{DEFAULT_TX_WAIT, Tx, TxMode};
 
 #[cfg(doc)]
 use crate::Policy;

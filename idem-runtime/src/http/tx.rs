@@ -28,6 +28,12 @@ use super::stored::StoredResponse;
 use crate::tx::{TxClaim, TxLease, TxStore};
 use crate::{Error, Fingerprint, RecordKey};
 
+/// How long, in `tx` mode, a copy of a request waits for the first one's commit (on the
+/// record's row lock) before it answers `409`, when the [`Policy`](crate::Policy) sets no
+/// `wait`: 1 second. A bound keeps a burst of retries of one slow request from holding a
+/// database connection each.
+pub const DEFAULT_TX_WAIT: Duration = Duration::from_secs(1);
+
 /// The mode of [`IdempotencyLayer::in_tx`]: the key is claimed in a transaction the handler
 /// is handed as [`Tx`], and its response is stored in that transaction when it returns; the
 /// layer commits. The handler's writes, the record and the stored response are committed
@@ -39,10 +45,12 @@ impl<S: TxStore> IdempotencyLayer<S, TxMode> {
     /// A `tx`-mode layer: like [`new`](IdempotencyLayer::new), but each request with a key
     /// runs in a transaction of `store`'s database, which the handler takes as [`Tx`]:
     ///
-    /// 1. `BEGIN`, then the key is claimed in the transaction ([`TxStore::claim_in`]). A
-    ///    completed key replays its stored response (the transaction is rolled back, nothing
+    /// 1. `BEGIN`, then the key is claimed in the transaction ([`TxStore::claim_in_within`]).
+    ///    A completed key replays its stored response (the transaction is rolled back, nothing
     ///    runs). A copy of a request that is running waits on the record's row lock until
-    ///    the first commits, then replays its response (or runs, if the first rolled back).
+    ///    the first commits, then replays its response (or runs, if the first rolled back);
+    ///    it waits at most the [`Policy`](crate::Policy)'s `wait` ([`DEFAULT_TX_WAIT`], 1 s,
+    ///    without one) and then answers `409` (on SQLite, the pool's busy timeout, then `503`).
     /// 2. The handler runs and writes through its [`Tx`].
     /// 3. A final response (see [`keep`](IdempotencyLayer::keep)) is stored in the
     ///    transaction ([`TxStore::complete_in`]), which is then committed; any other response
@@ -279,8 +287,15 @@ where
     let claim = match &keyed {
         None => None,
         Some((record, fingerprint)) => {
+            let wait = settings.policy.wait().unwrap_or(DEFAULT_TX_WAIT);
             let claimed = store
-                .claim_in(&mut tx, record, Some(fingerprint), settings.policy.lease())
+                .claim_in_within(
+                    &mut tx,
+                    record,
+                    Some(fingerprint),
+                    settings.policy.lease(),
+                    wait,
+                )
                 .await;
             match claimed {
                 Ok(TxClaim::Run(claim)) => {
