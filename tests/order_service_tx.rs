@@ -17,7 +17,7 @@ use idem_runtime::http::problem_type;
 use idem_tests::http_client::{self, Answer, Request, send, send_until_settled, send_within};
 use idem_tests::proxy::{self, FaultProxy};
 use idem_tests::sql_servers;
-use sqlx::{AssertSqlSafe, Pool};
+use sqlx::Pool;
 
 /// The service on a real server, and a pool straight to its database for the counts.
 struct Rig<DB: OrderDb> {
@@ -73,45 +73,44 @@ impl Client {
     }
 }
 
-async fn count<DB: OrderDb, V>(pool: &Pool<DB>, statement: &str, values: (V, V)) -> i64
-where
-    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
-    for<'q> V: sqlx::Encode<'q, DB> + sqlx::Type<DB> + Send + 'static,
-    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
-{
-    let statement = idem_examples::orders::sql::<DB>(statement);
-    sqlx::query_scalar(AssertSqlSafe(statement.0))
-        .bind(values.0)
-        .bind(values.1)
-        .fetch_one(pool)
-        .await
-        .expect("count")
+/// What the database holds for a client: its orders, and whether a key has a record.
+trait Held: OrderDb {
+    /// The orders of `user`, and the records of `record` (0 or 1).
+    fn held(
+        pool: &Pool<Self>,
+        user: i64,
+        record: &RecordKey,
+    ) -> impl std::future::Future<Output = (i64, i64)> + Send;
 }
 
-/// What the database holds for a client: its orders, and whether `key` has a record.
-async fn held<DB: OrderDb>(rig: &Rig<DB>, client: &Client, key: &str) -> (i64, i64)
-where
-    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
-{
-    let orders = count(
-        &rig.direct,
-        "SELECT COUNT(*) FROM orders WHERE user_id = ? AND user_id = ?",
-        (client.user, client.user),
-    )
-    .await;
-    let record = client.record(key);
-    let records = count(
-        &rig.direct,
-        "SELECT COUNT(*) FROM idem_records WHERE scope = ? AND business_key = ?",
-        (record.scope().to_owned(), record.key().to_owned()),
-    )
-    .await;
-    (orders, records)
+macro_rules! held {
+    ($($db:ty),*) => {$(
+        impl Held for $db {
+            async fn held(pool: &Pool<Self>, user: i64, record: &RecordKey) -> (i64, i64) {
+                let count = |statement: &str| idem_examples::orders::sql::<Self>(statement);
+                let orders = sqlx::query_scalar(count("SELECT COUNT(*) FROM orders WHERE user_id = ?"))
+                    .bind(user)
+                    .fetch_one(pool)
+                    .await
+                    .expect("count the orders");
+                let records = sqlx::query_scalar(count(
+                    "SELECT COUNT(*) FROM idem_records WHERE scope = ? AND business_key = ?",
+                ))
+                .bind(record.scope())
+                .bind(record.key())
+                .fetch_one(pool)
+                .await
+                .expect("count the records");
+                (orders, records)
+            }
+        }
+    )*};
+}
+
+held!(sqlx::Sqlite, sqlx::Postgres, sqlx::MySql);
+
+async fn held<DB: Held>(rig: &Rig<DB>, client: &Client, key: &str) -> (i64, i64) {
+    DB::held(&rig.direct, client.user, &client.record(key)).await
 }
 
 fn order_no(answer: &Answer) -> String {
@@ -122,14 +121,7 @@ fn order_no(answer: &Answer) -> String {
 }
 
 /// The first create runs, its retries replay it: one order.
-async fn creates_once_and_replays<DB: OrderDb>(rig: &Rig<DB>)
-where
-    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
-{
+async fn creates_once_and_replays<DB: Held>(rig: &Rig<DB>) {
     let client = Client::new();
     let request = client.create("\"k-1\"", 1200);
     let first = send(rig.addr, &request).await.expect("loopback");
@@ -146,14 +138,7 @@ where
 
 /// Eight copies while the first create is slow: the copies wait on the record's row lock and
 /// replay (or get `409`), never a second order.
-async fn copies_during_a_slow_create_never_make_a_second_order<DB: OrderDb>(rig: &Rig<DB>)
-where
-    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
-{
+async fn copies_during_a_slow_create_never_make_a_second_order<DB: Held>(rig: &Rig<DB>) {
     let client = Client::new();
     rig.service.pause_each_create(Duration::from_millis(400));
     let request = client.create("k-2", 4500);
@@ -187,14 +172,7 @@ where
 
 /// The client gives up before the slow create answers and retries: the create committed on
 /// the server all the same, and the retry replays it.
-async fn a_client_that_times_out_and_retries_gets_the_first_order<DB: OrderDb>(rig: &Rig<DB>)
-where
-    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
-{
+async fn a_client_that_times_out_and_retries_gets_the_first_order<DB: Held>(rig: &Rig<DB>) {
     let client = Client::new();
     rig.service.pause_each_create(Duration::from_millis(300));
     let request = client.create("k-3", 990);
@@ -216,14 +194,7 @@ where
 
 /// Body rejections are problems of the type `body-invalid`, told apart from a key reused with
 /// another body (`key-reused`); nothing is created.
-async fn body_rejections_are_problems_of_their_own_type<DB: OrderDb>(rig: &Rig<DB>)
-where
-    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
-{
+async fn body_rejections_are_problems_of_their_own_type<DB: Held>(rig: &Rig<DB>) {
     let client = Client::new();
     let with = |key: &str, body: &str| {
         Request::post("/orders", body)
@@ -265,14 +236,7 @@ where
 /// The connection between the service and its database is cut after the handler inserted the
 /// order, before the commit: nothing is committed — no order, no record — and the client is
 /// told so; the retry creates the order once.
-async fn a_cut_before_the_commit_leaves_no_order_and_no_record<DB: OrderDb>(rig: &Rig<DB>)
-where
-    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
-{
+async fn a_cut_before_the_commit_leaves_no_order_and_no_record<DB: Held>(rig: &Rig<DB>) {
     let proxy = rig.proxy.as_ref().expect("a proxy");
     let client = Client::new();
     rig.service.pause_each_create(Duration::from_millis(500));
@@ -323,14 +287,7 @@ where
 /// A copy of a create that takes longer than the layer's wait (1 s by default) gives up on the
 /// record's row lock with `409` instead of holding a connection until the first commits; the
 /// first commits once, and a retry after it replays.
-async fn a_copy_of_a_create_slower_than_the_wait_gets_409<DB: OrderDb>(rig: &Rig<DB>)
-where
-    for<'c> &'c Pool<DB>: sqlx::Executor<'c, Database = DB>,
-    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
-    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
-{
+async fn a_copy_of_a_create_slower_than_the_wait_gets_409<DB: Held>(rig: &Rig<DB>) {
     let client = Client::new();
     rig.service.pause_each_create(Duration::from_millis(3000));
     let request = client.create("k-5", 8000);
@@ -383,7 +340,7 @@ async fn tx_creates_on_postgres() {
     let Some(direct) = sql_servers::postgres_pool().await else {
         return;
     };
-    let (proxy, url) = proxied(&sql_servers::postgres_url(), 5432).await;
+    let (proxy, url) = proxy::in_front_of(&sql_servers::postgres_url(), 5432).await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(16)
         .acquire_timeout(Duration::from_secs(5))
@@ -404,7 +361,7 @@ async fn tx_creates_on_mysql() {
     let Some(direct) = sql_servers::mysql_pool().await else {
         return;
     };
-    let (proxy, url) = proxied(&sql_servers::mysql_url(), 3306).await;
+    let (proxy, url) = proxy::in_front_of(&sql_servers::mysql_url(), 3306).await;
     let pool = sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(16)
         .acquire_timeout(Duration::from_secs(5))
@@ -418,16 +375,4 @@ async fn tx_creates_on_mysql() {
     body_rejections_are_problems_of_their_own_type(&rig).await;
     a_cut_before_the_commit_leaves_no_order_and_no_record(&rig).await;
     a_copy_of_a_create_slower_than_the_wait_gets_409(&rig).await;
-}
-
-/// A proxy in front of the server at `url`, and the URL through it.
-async fn proxied(url: &str, default_port: u16) -> (FaultProxy, String) {
-    let placeholder = "127.0.0.1:1".parse().expect("an address");
-    let (upstream, _) = proxy::through(url, default_port, placeholder);
-    let upstream = proxy::resolve(&upstream)
-        .await
-        .unwrap_or_else(|error| panic!("resolve {upstream}: {error}"));
-    let proxy = FaultProxy::start(upstream).await.expect("start the proxy");
-    let (_, through) = proxy::through(url, default_port, proxy.addr());
-    (proxy, through)
 }

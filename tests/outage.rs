@@ -390,18 +390,6 @@ struct Rig<S> {
     inspect: Inspect,
 }
 
-/// A proxy in front of the server at `url`, and the URL through it.
-async fn proxy_for(url: &str, default_port: u16) -> (FaultProxy, String) {
-    let placeholder = "127.0.0.1:1".parse().expect("an address");
-    let (upstream, _) = proxy::through(url, default_port, placeholder);
-    let upstream = proxy::resolve(&upstream)
-        .await
-        .unwrap_or_else(|error| panic!("resolve {upstream}: {error}"));
-    let proxy = FaultProxy::start(upstream).await.expect("start the proxy");
-    let (_, proxied) = proxy::through(url, default_port, proxy.addr());
-    (proxy, proxied)
-}
-
 mod rigs {
     use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
     use idem_runtime::mysql::MySqlStore;
@@ -416,7 +404,7 @@ mod rigs {
     /// PostgreSQL behind a proxy, or `None` (having said so) without the server.
     pub async fn postgres(pool: PoolSize) -> Option<Rig<PostgresStore>> {
         let direct = sql_servers::postgres_pool().await?;
-        let (proxy, url) = proxy_for(&sql_servers::postgres_url(), 5432).await;
+        let (proxy, url) = proxy::in_front_of(&sql_servers::postgres_url(), 5432).await;
         let pool = PgPoolOptions::new()
             .max_connections(pool.size)
             .acquire_timeout(pool.acquire_timeout)
@@ -438,7 +426,7 @@ mod rigs {
     /// MariaDB behind a proxy, or `None` (having said so) without the server.
     pub async fn mysql(pool: PoolSize) -> Option<Rig<MySqlStore>> {
         let direct = sql_servers::mysql_pool().await?;
-        let (proxy, url) = proxy_for(&sql_servers::mysql_url(), 3306).await;
+        let (proxy, url) = proxy::in_front_of(&sql_servers::mysql_url(), 3306).await;
         let pool = MySqlPoolOptions::new()
             .max_connections(pool.size)
             .acquire_timeout(pool.acquire_timeout)
@@ -460,7 +448,7 @@ mod rigs {
     /// Redis behind a proxy, or `None` (having said so) without the server.
     pub async fn redis(_one_connection: PoolSize) -> Option<Rig<RedisStore<ConnectionManager>>> {
         let direct = redis_server::multiplexed().await?;
-        let (proxy, url) = proxy_for(&redis_server::url(), 6379).await;
+        let (proxy, url) = proxy::in_front_of(&redis_server::url(), 6379).await;
         let client = ::redis::Client::open(url.as_str()).expect("a client through the proxy");
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CLIENT_TIMEOUT))

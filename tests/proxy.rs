@@ -224,6 +224,19 @@ pub fn through(url: &str, default_port: u16, proxy: SocketAddr) -> (String, Stri
     (upstream, proxied)
 }
 
+/// A proxy in front of the server at `url` (a database or Redis URL, `default_port` when it
+/// names none), and the same URL through the proxy.
+pub async fn in_front_of(url: &str, default_port: u16) -> (FaultProxy, String) {
+    let placeholder = SocketAddr::from(([127, 0, 0, 1], 1));
+    let (upstream, _) = through(url, default_port, placeholder);
+    let upstream = resolve(&upstream)
+        .await
+        .unwrap_or_else(|error| panic!("resolve {upstream}: {error}"));
+    let proxy = FaultProxy::start(upstream).await.expect("start the proxy");
+    let (_, proxied) = through(url, default_port, proxy.addr());
+    (proxy, proxied)
+}
+
 /// The first address `host:port` resolves to.
 pub async fn resolve(host_port: &str) -> io::Result<SocketAddr> {
     tokio::net::lookup_host(host_port)

@@ -140,78 +140,62 @@ trait Database {
     async fn orders_of(connection: &mut Self::Connection, user: i64) -> i64;
 }
 
-struct Postgres;
-struct MariaDb;
-struct Sqlite;
+/// [`Database`] for one database: its connection, the statements that take and release the
+/// lock, and the count with its placeholder.
+macro_rules! database {
+    ($name:ident, $connection:ty, lock = $lock:literal, unlock = $unlock:literal, count = $count:literal) => {
+        struct $name;
 
-impl Database for Postgres {
-    type Connection = sqlx::PgConnection;
-    async fn lock(connection: &mut Self::Connection) {
-        sqlx::raw_sql("BEGIN; LOCK TABLE orders IN EXCLUSIVE MODE")
-            .execute(connection)
-            .await
-            .expect("lock");
-    }
-    async fn unlock(connection: &mut Self::Connection) {
-        sqlx::raw_sql("COMMIT")
-            .execute(connection)
-            .await
-            .expect("unlock");
-    }
-    async fn orders_of(connection: &mut Self::Connection, user: i64) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE user_id = $1")
-            .bind(user)
-            .fetch_one(connection)
-            .await
-            .expect("count")
-    }
+        impl Database for $name {
+            type Connection = $connection;
+
+            async fn lock(connection: &mut Self::Connection) {
+                sqlx::raw_sql($lock)
+                    .execute(connection)
+                    .await
+                    .expect("lock");
+            }
+
+            async fn unlock(connection: &mut Self::Connection) {
+                sqlx::raw_sql($unlock)
+                    .execute(connection)
+                    .await
+                    .expect("unlock");
+            }
+
+            async fn orders_of(connection: &mut Self::Connection, user: i64) -> i64 {
+                sqlx::query_scalar($count)
+                    .bind(user)
+                    .fetch_one(connection)
+                    .await
+                    .expect("count")
+            }
+        }
+    };
 }
 
-impl Database for MariaDb {
-    type Connection = sqlx::MySqlConnection;
-    async fn lock(connection: &mut Self::Connection) {
-        sqlx::raw_sql("LOCK TABLES orders WRITE")
-            .execute(connection)
-            .await
-            .expect("lock");
-    }
-    async fn unlock(connection: &mut Self::Connection) {
-        sqlx::raw_sql("UNLOCK TABLES")
-            .execute(connection)
-            .await
-            .expect("unlock");
-    }
-    async fn orders_of(connection: &mut Self::Connection, user: i64) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE user_id = ?")
-            .bind(user)
-            .fetch_one(connection)
-            .await
-            .expect("count")
-    }
-}
-
-impl Database for Sqlite {
-    type Connection = sqlx::SqliteConnection;
-    async fn lock(connection: &mut Self::Connection) {
-        sqlx::raw_sql("BEGIN IMMEDIATE")
-            .execute(connection)
-            .await
-            .expect("lock");
-    }
-    async fn unlock(connection: &mut Self::Connection) {
-        sqlx::raw_sql("ROLLBACK")
-            .execute(connection)
-            .await
-            .expect("unlock");
-    }
-    async fn orders_of(connection: &mut Self::Connection, user: i64) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE user_id = ?")
-            .bind(user)
-            .fetch_one(connection)
-            .await
-            .expect("count")
-    }
-}
+database!(
+    Postgres,
+    sqlx::PgConnection,
+    lock = "BEGIN; LOCK TABLE orders IN EXCLUSIVE MODE",
+    unlock = "COMMIT",
+    count = "SELECT COUNT(*) FROM orders WHERE user_id = $1"
+);
+database!(
+    MariaDb,
+    sqlx::MySqlConnection,
+    lock = "LOCK TABLES orders WRITE",
+    unlock = "UNLOCK TABLES",
+    count = "SELECT COUNT(*) FROM orders WHERE user_id = ?"
+);
+// The whole file: a writer's lock.
+database!(
+    Sqlite,
+    sqlx::SqliteConnection,
+    lock = "BEGIN IMMEDIATE",
+    unlock = "ROLLBACK",
+    count = "SELECT COUNT(*) FROM orders WHERE user_id = ?"
+);
 
 /// The service is killed while its create waits on a lock another session holds; the lock is
 /// released (the dead process's database session may still finish the statement it was
