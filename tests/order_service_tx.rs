@@ -321,6 +321,43 @@ async fn a_copy_of_a_create_slower_than_the_wait_gets_409<DB: Held>(rig: &Rig<DB
     assert_eq!(held(rig, &client, "k-5").await, (1, 1));
 }
 
+/// The service's `COMMIT` never reaches the database (the connection dies just before it):
+/// the client is told the outcome is unknown (`502`), nothing was committed, and the retry it
+/// is told to send creates the order once.
+async fn a_commit_that_is_lost_is_502_and_the_retry_creates_once<DB: Held>(rig: &Rig<DB>) {
+    let proxy = rig.proxy.as_ref().expect("a proxy");
+    let client = Client::new();
+    let request = client.create("k-6", 6100);
+    proxy.cut_before(b"COMMIT");
+    let answer = send(rig.addr, &request).await.expect("loopback");
+    assert_eq!(answer.status, 502, "{answer:?}");
+    assert_eq!(
+        answer.problem_type().as_deref(),
+        Some(problem_type::OUTCOME_UNKNOWN)
+    );
+    assert_eq!(answer.retry_after(), Some(1));
+    assert!(
+        answer.body.contains("replays this response if it landed"),
+        "{}",
+        answer.body
+    );
+    proxy.restore();
+    assert_eq!(
+        held(rig, &client, "k-6").await,
+        (0, 0),
+        "the commit did not land"
+    );
+    let retry = send_until_settled(rig.addr, &request, Duration::from_secs(20))
+        .await
+        .expect("loopback");
+    assert_eq!(retry.status, 201, "{}", retry.body);
+    assert!(
+        !retry.replayed(),
+        "nothing landed: the retry created the order"
+    );
+    assert_eq!(held(rig, &client, "k-6").await, (1, 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tx_creates_on_sqlite() {
     let file = idem_tests::sqlite_file::TempDb::new("orders_tx");
@@ -354,6 +391,7 @@ async fn tx_creates_on_postgres() {
     body_rejections_are_problems_of_their_own_type(&rig).await;
     a_cut_before_the_commit_leaves_no_order_and_no_record(&rig).await;
     a_copy_of_a_create_slower_than_the_wait_gets_409(&rig).await;
+    a_commit_that_is_lost_is_502_and_the_retry_creates_once(&rig).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -375,4 +413,5 @@ async fn tx_creates_on_mysql() {
     body_rejections_are_problems_of_their_own_type(&rig).await;
     a_cut_before_the_commit_leaves_no_order_and_no_record(&rig).await;
     a_copy_of_a_create_slower_than_the_wait_gets_409(&rig).await;
+    a_commit_that_is_lost_is_502_and_the_retry_creates_once(&rig).await;
 }

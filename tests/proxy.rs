@@ -50,11 +50,26 @@ struct Shared {
     mode: watch::Sender<Mode>,
     accepted: AtomicUsize,
     reset: AtomicUsize,
+    /// Bytes whose next appearance in what a client sends cuts the proxy before they reach
+    /// the server.
+    trigger: Mutex<Option<&'static [u8]>>,
 }
 
 impl Shared {
     fn state(&self) -> std::sync::MutexGuard<'_, (Mode, CancellationToken)> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `sent` trips the armed trigger (which it then disarms).
+    fn trips(&self, sent: &[u8]) -> bool {
+        let mut trigger = self.trigger.lock().unwrap_or_else(PoisonError::into_inner);
+        match *trigger {
+            Some(pattern) if sent.windows(pattern.len()).any(|window| window == pattern) => {
+                *trigger = None;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn set(&self, mode: Mode) {
@@ -80,6 +95,7 @@ impl FaultProxy {
             mode: watch::Sender::new(Mode::Open),
             accepted: AtomicUsize::new(0),
             reset: AtomicUsize::new(0),
+            trigger: Mutex::new(None),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Self {
@@ -97,6 +113,17 @@ impl FaultProxy {
     /// The server goes down: open connections are closed now, new ones are reset.
     pub fn cut(&self) {
         self.shared.set(Mode::Cut);
+    }
+
+    /// The server goes down the moment a client sends `pattern` (say `b"COMMIT"`): the bytes
+    /// that hold it are not forwarded, and the proxy is [`cut`](Self::cut) as if the server had
+    /// died just before they arrived. Once.
+    pub fn cut_before(&self, pattern: &'static [u8]) {
+        *self
+            .shared
+            .trigger
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(pattern);
     }
 
     /// The network goes silent: nothing is forwarded until [`restore`](Self::restore) (or a
@@ -153,19 +180,20 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         }
         shared.accepted.fetch_add(1, Ordering::SeqCst);
-        let (upstream, mode) = (shared.upstream, shared.mode.subscribe());
+        let mode = shared.mode.subscribe();
+        let shared = shared.clone();
         tokio::spawn(async move {
             tokio::select! {
                 () = closed.cancelled() => {}
-                () = forward(client, upstream, mode) => {}
+                () = forward(client, &shared, mode) => {}
             }
             // Both sockets are dropped here: closed, as by a server that went away.
         });
     }
 }
 
-async fn forward(client: TcpStream, upstream: SocketAddr, mode: watch::Receiver<Mode>) {
-    let Ok(server) = TcpStream::connect(upstream).await else {
+async fn forward(client: TcpStream, shared: &Shared, mode: watch::Receiver<Mode>) {
+    let Ok(server) = TcpStream::connect(shared.upstream).await else {
         return; // the real server is down: close the client's connection
     };
     // Small messages go out at once, as without the proxy; failing to set it only slows.
@@ -173,13 +201,19 @@ async fn forward(client: TcpStream, upstream: SocketAddr, mode: watch::Receiver<
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     tokio::join!(
-        pump(client_read, server_write, mode.clone()),
-        pump(server_read, client_write, mode),
+        pump(client_read, server_write, mode.clone(), Some(shared)),
+        pump(server_read, client_write, mode, None),
     );
 }
 
-/// Copies one direction until end of file or an error, holding the bytes while stalled.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::Receiver<Mode>) {
+/// Copies one direction until end of file or an error, holding the bytes while stalled; on the
+/// way to the server (`trigger`), cuts the proxy instead of forwarding what trips it.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+    trigger: Option<&Shared>,
+) {
     let mut buffer = vec![0; 16 * 1024];
     loop {
         if mode.wait_for(|mode| *mode != Mode::Stalled).await.is_err() {
@@ -191,6 +225,12 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::
         };
         // Read just before a stall: held until the network is back.
         if mode.wait_for(|mode| *mode != Mode::Stalled).await.is_err() {
+            return;
+        }
+        if let Some(shared) = trigger
+            && shared.trips(&buffer[..read])
+        {
+            shared.set(Mode::Cut);
             return;
         }
         if to.write_all(&buffer[..read]).await.is_err() {

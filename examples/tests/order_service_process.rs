@@ -442,3 +442,35 @@ async fn killed_mid_create_then_soak_on_postgres() {
     killed_while_its_create_waits_on_a_lock::<Postgres>(&database_url).await;
     soak::<Postgres>(&database_url).await;
 }
+
+/// What the service cannot open at startup is named in its error, and it exits with a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_errors_name_what_failed() {
+    let dir = std::env::temp_dir().join(format!("idem-no-such-dir-{}", uuid::Uuid::new_v4()));
+    let database_url = format!("sqlite://{}", dir.join("orders.db").display());
+    for (args, named) in [
+        (
+            vec!["--database-url", database_url.as_str()],
+            database_url.as_str(),
+        ),
+        (
+            vec![
+                "--database-url",
+                "sqlite::memory:",
+                "--listen",
+                "not-an-address",
+            ],
+            "not-an-address",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_order-service"))
+            .args(&args)
+            .args(["--redis-url", "redis://127.0.0.1:1/"])
+            .output()
+            .await
+            .expect("run order-service");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+}
