@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use idem_runtime::http::{CallerHeader, IDEMPOTENT_REPLAYED, IdempotencyLayer, problem_type};
 use idem_runtime::{Policy, Store};
-use idem_tests::http_client::{self, hang_up_after, send_until_settled, send_within};
+use idem_tests::http_client::{self, CutOffs, hang_up_after, send_until_settled, send_within};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tower::ServiceExt as _;
@@ -44,8 +44,6 @@ struct Shop {
     gate: Notify,
     /// How long `/orders` takes, in milliseconds.
     pause: std::sync::atomic::AtomicU64,
-    /// Requests whose future the server dropped before it finished (the client hung up).
-    cut_off: AtomicUsize,
 }
 
 async fn create_order(State(shop): State<Arc<Shop>>, Json(order): Json<NewOrder>) -> Response {
@@ -404,40 +402,17 @@ async fn waiting_copy_gets_the_first_response<S: Store + 'static>(store: S) {
     assert_eq!(shop.runs.load(Ordering::SeqCst), 1);
 }
 
-/// Counts, in `shop.cut_off`, the requests whose future the server drops before they finish.
-async fn watch_for_cut_off(
-    State(shop): State<Arc<Shop>>,
-    request: Request<Body>,
-    next: axum::middleware::Next,
-) -> Response {
-    struct Watch(Option<Arc<Shop>>);
-    impl Drop for Watch {
-        fn drop(&mut self) {
-            if let Some(shop) = self.0.take() {
-                shop.cut_off.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    }
-    let mut watch = Watch(Some(shop));
-    let response = next.run(request).await;
-    watch.0 = None;
-    response
-}
-
 /// The app on a real server on a loopback port, its request futures watched.
 async fn serve<S: Store + 'static>(
     layer: IdempotencyLayer<S>,
-) -> (std::net::SocketAddr, Arc<Shop>) {
+) -> (std::net::SocketAddr, Arc<Shop>, CutOffs) {
     let shop = Arc::new(Shop::default());
     let router = Router::new()
         .route("/orders", post(create_order))
         .layer(layer)
-        .layer(axum::middleware::from_fn_with_state(
-            shop.clone(),
-            watch_for_cut_off,
-        ))
         .with_state(shop.clone());
-    (idem_tests::http_client::serve(router).await, shop)
+    let (router, cut_offs) = http_client::watch(router);
+    (http_client::serve(router).await, shop, cut_offs)
 }
 
 fn order_request(key: &str) -> http_client::Request {
@@ -449,7 +424,7 @@ fn order_request(key: &str) -> http_client::Request {
 /// A real client gives up while the handler is held: the server drops the request's future,
 /// but the claimed handler runs on, its response is recorded, and the retry replays it.
 async fn a_client_that_hangs_up_does_not_cut_the_handler_off<S: Store + 'static>(store: S) {
-    let (addr, shop) = serve(layer(store)).await;
+    let (addr, shop, cut_offs) = serve(layer(store)).await;
     shop.held.store(true, Ordering::SeqCst);
     let request = order_request("\"k-11\"");
     let client = tokio::spawn({
@@ -459,14 +434,10 @@ async fn a_client_that_hangs_up_does_not_cut_the_handler_off<S: Store + 'static>
     shop.entered.notified().await;
     client.abort();
     let _ = client.await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while shop.cut_off.load(Ordering::SeqCst) == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the server never dropped the request of the client that hung up"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        cut_offs.passes(0, Duration::from_secs(10)).await,
+        "the server never dropped the request of the client that hung up"
+    );
     // The handler is still held; the request that started it is gone. Let it finish.
     shop.gate.notify_one();
     let retry = send_until_settled(addr, &request, Duration::from_secs(20))
@@ -482,20 +453,25 @@ async fn a_client_that_hangs_up_does_not_cut_the_handler_off<S: Store + 'static>
 }
 
 /// 64 copies of one key, each from a client that either waits for its answer or hangs up
-/// after a while; the handler takes 150 ms. One effect, and every answer is that effect or a
-/// `409`.
+/// after a while. The first, which claims the key, hangs up while the handler is held; the
+/// other 63 come meanwhile. One effect, and every answer is that effect or a `409`.
 async fn copies_that_hang_up_at_random_run_the_handler_once<S: Store + 'static>(store: S) {
-    let (addr, shop) = serve(layer(store)).await;
-    shop.pause.store(150, Ordering::SeqCst);
+    let (addr, shop, cut_offs) = serve(layer(store)).await;
+    shop.held.store(true, Ordering::SeqCst);
     let request = order_request("k-12");
+    let claimant = tokio::spawn({
+        let request = request.clone();
+        async move { hang_up_after(addr, &request, Duration::from_millis(50)).await }
+    });
+    shop.entered.notified().await;
     let mut copies = Vec::new();
-    for copy in 0..64_u64 {
+    for copy in 1..64_u64 {
         let request = request.clone();
         copies.push(tokio::spawn(async move {
-            // A spread of hang-ups from 20 to 200 ms (the first copy, which claims, among
-            // them); every third copy waits for its answer.
+            // A spread of starts over 50 ms and of hang-ups over 20 to 200 ms; every third
+            // copy waits for its answer.
             tokio::time::sleep(Duration::from_millis(copy * 37 % 50)).await;
-            if copy % 3 == 2 {
+            if copy % 3 == 0 {
                 http_client::send(addr, &request).await.map(Some)
             } else {
                 hang_up_after(addr, &request, Duration::from_millis(20 + copy * 53 % 180))
@@ -504,18 +480,25 @@ async fn copies_that_hang_up_at_random_run_the_handler_once<S: Store + 'static>(
             }
         }));
     }
+    claimant.await.expect("the claimant").expect("loopback");
+    assert!(
+        cut_offs.passes(0, Duration::from_secs(10)).await,
+        "the server never dropped the claimant's request"
+    );
     for copy in copies {
         if let Some(answer) = copy.await.expect("a copy").expect("loopback") {
-            assert!(matches!(answer.status, 201 | 409), "{answer:?}");
-            if answer.status == 201 {
-                assert_eq!(answer.json()["run"], 1);
-            }
+            assert_eq!(answer.status, 409, "the handler is still held: {answer:?}");
         }
     }
+    shop.gate.notify_one();
     let last = send_until_settled(addr, &request, Duration::from_secs(20))
         .await
         .expect("the last retry");
     assert_eq!(last.status, 201, "{}", last.body);
+    assert!(
+        last.replayed(),
+        "the claimant's response, recorded without its client"
+    );
     assert_eq!(last.json()["run"], 1);
     assert_eq!(shop.runs.load(Ordering::SeqCst), 1, "one effect");
 }
@@ -858,5 +841,49 @@ async fn a_tx_without_its_layer_is_a_500_problem() {
         answer.body.contains("IdempotencyLayer::in_tx"),
         "{}",
         answer.body
+    );
+}
+
+/// How often `/broken` ran.
+static BROKEN_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers `201` with a body that fails half-way.
+async fn broken_body() -> Response {
+    BROKEN_RUNS.fetch_add(1, Ordering::SeqCst);
+    let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> = vec![
+        Ok(axum::body::Bytes::from_static(b"{\"half\":")),
+        Err(std::io::Error::other("the disk went away")),
+    ];
+    (
+        StatusCode::CREATED,
+        Body::from_stream(futures_util::stream::iter(chunks)),
+    )
+        .into_response()
+}
+
+/// A response whose body cannot be read is not recorded, but the handler ran: its key is not
+/// released (a retry would repeat the effect at once) but kept in progress until its lease
+/// ends, and the answer says the outcome is unknown.
+#[tokio::test]
+async fn an_unreadable_response_keeps_the_claim() {
+    let layer = layer(idem_runtime::MemoryStore::new());
+    let router = Router::new().route("/broken", post(broken_body).layer(layer));
+    let first = send(
+        &router,
+        post_to("/broken", Some("k-19"), Some("alice"), "{}"),
+    )
+    .await;
+    first.assert_problem(StatusCode::BAD_GATEWAY);
+    assert_eq!(first.problem_type(), problem_type::OUTCOME_UNKNOWN);
+    let retry = send(
+        &router,
+        post_to("/broken", Some("k-19"), Some("alice"), "{}"),
+    )
+    .await;
+    retry.assert_problem(StatusCode::CONFLICT);
+    assert_eq!(
+        BROKEN_RUNS.load(Ordering::SeqCst),
+        1,
+        "the retry did not run it again"
     );
 }

@@ -222,3 +222,56 @@ pub async fn serve(router: axum::Router) -> SocketAddr {
     tokio::spawn(async move { axum::serve(listener, router).await });
     addr
 }
+
+/// How many requests the server dropped before they finished — their client hung up, and
+/// hyper dropped the request's future — counted by [`watch`].
+#[derive(Clone, Debug, Default)]
+pub struct CutOffs(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl CutOffs {
+    /// The count so far.
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until the count passes `than`, for at most `within`; whether it did.
+    pub async fn passes(&self, than: usize, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.count() <= than {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+}
+
+/// `router` with every request watched: one whose future is dropped before it finished is
+/// counted in the returned [`CutOffs`]. Put it outside the layers under test.
+pub fn watch(router: axum::Router) -> (axum::Router, CutOffs) {
+    struct Watch(Option<CutOffs>);
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            if let Some(cut_offs) = self.0.take() {
+                cut_offs.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+    async fn watched(
+        axum::extract::State(cut_offs): axum::extract::State<CutOffs>,
+        request: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> axum::response::Response {
+        let mut watch = Watch(Some(cut_offs));
+        let response = next.run(request).await;
+        watch.0 = None;
+        response
+    }
+    let cut_offs = CutOffs::default();
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        cut_offs.clone(),
+        watched,
+    ));
+    (router, cut_offs)
+}

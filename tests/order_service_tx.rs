@@ -14,7 +14,9 @@ use std::time::Duration;
 use idem_examples::orders::{OrderDb, OrderService};
 use idem_runtime::RecordKey;
 use idem_runtime::http::problem_type;
-use idem_tests::http_client::{self, Answer, Request, send, send_until_settled, send_within};
+use idem_tests::http_client::{
+    self, Answer, CutOffs, Request, send, send_until_settled, send_within,
+};
 use idem_tests::proxy::{self, FaultProxy};
 use idem_tests::sql_servers;
 use sqlx::Pool;
@@ -26,18 +28,21 @@ struct Rig<DB: OrderDb> {
     direct: Pool<DB>,
     /// The proxy between the service and its database, where there is a network.
     proxy: Option<FaultProxy>,
+    /// Requests whose future the server dropped before they finished (their client hung up).
+    cut_offs: CutOffs,
 }
 
 impl<DB: OrderDb> Rig<DB> {
     async fn start(pool: Pool<DB>, direct: Pool<DB>, proxy: Option<FaultProxy>) -> Self {
         let service = OrderService::new(pool).await.expect("the service's tables");
-        let router = service.router().expect("the router");
+        let (router, cut_offs) = http_client::watch(service.router().expect("the router"));
         let addr = http_client::serve(router).await;
         Self {
             service,
             addr,
             direct,
             proxy,
+            cut_offs,
         }
     }
 }
@@ -69,7 +74,7 @@ impl Client {
 
     /// The record of `key` of this caller.
     fn record(&self, key: &str) -> RecordKey {
-        RecordKey::from_value("orders.create", &(self.caller.as_str(), key)).expect("a key")
+        idem_runtime::http::record_key("orders.create", &self.caller, key).expect("a key")
     }
 }
 
@@ -175,6 +180,7 @@ async fn copies_during_a_slow_create_never_make_a_second_order<DB: Held>(rig: &R
 async fn a_client_that_times_out_and_retries_gets_the_first_order<DB: Held>(rig: &Rig<DB>) {
     let client = Client::new();
     rig.service.pause_each_create(Duration::from_millis(300));
+    let cut_off_before = rig.cut_offs.count();
     let request = client.create("k-3", 990);
     let gave_up = send_within(rig.addr, &request, Duration::from_millis(50))
         .await
@@ -189,6 +195,10 @@ async fn a_client_that_times_out_and_retries_gets_the_first_order<DB: Held>(rig:
         retry.replayed(),
         "the first create finished without its client"
     );
+    assert!(
+        rig.cut_offs.count() > cut_off_before,
+        "the server dropped the request of the client that gave up"
+    );
     assert_eq!(held(rig, &client, "k-3").await, (1, 1));
 }
 
@@ -201,13 +211,13 @@ async fn body_rejections_are_problems_of_their_own_type<DB: Held>(rig: &Rig<DB>)
             .header("x-client-id", &client.caller)
             .header("idempotency-key", key)
     };
+    let user = client.user;
+    let missing_amount = format!(r#"{{"user_id": {user}}}"#);
+    let whole = format!(r#"{{"user_id": {user}, "amount_cents": 5}}"#);
     for (request, status) in [
         (with("b-1", "{not json"), 400),
-        (with("b-2", r#"{"user_id": 1}"#), 422),
-        (
-            with("b-3", r#"{"user_id": 1, "amount_cents": 5}"#).content_type("text/plain"),
-            415,
-        ),
+        (with("b-2", &missing_amount), 422),
+        (with("b-3", &whole).content_type("text/plain"), 415),
     ] {
         let answer = send(rig.addr, &request).await.expect("loopback");
         assert_eq!(answer.status, status, "{}", answer.body);
@@ -230,7 +240,8 @@ async fn body_rejections_are_problems_of_their_own_type<DB: Held>(rig: &Rig<DB>)
         reused.problem_type().as_deref(),
         Some(problem_type::KEY_REUSED)
     );
-    assert_eq!(held(rig, &client, "b-1").await, (1, 1));
+    // One order, b-4's: none of the refused bodies made one.
+    assert_eq!(held(rig, &client, "b-4").await, (1, 1));
 }
 
 /// The connection between the service and its database is cut after the handler inserted the
@@ -284,12 +295,12 @@ async fn a_cut_before_the_commit_leaves_no_order_and_no_record<DB: Held>(rig: &R
     assert_eq!(held(rig, &client, "k-4").await, (1, 1));
 }
 
-/// A copy of a create that takes longer than the layer's wait (1 s by default) gives up on the
+/// A copy of a create that takes longer (5 s) than the layer's wait (1 s by default) gives up on the
 /// record's row lock with `409` instead of holding a connection until the first commits; the
 /// first commits once, and a retry after it replays.
 async fn a_copy_of_a_create_slower_than_the_wait_gets_409<DB: Held>(rig: &Rig<DB>) {
     let client = Client::new();
-    rig.service.pause_each_create(Duration::from_millis(3000));
+    rig.service.pause_each_create(Duration::from_millis(5000));
     let request = client.create("k-5", 8000);
     let inserted = rig.service.inserted().notified();
     tokio::pin!(inserted);
@@ -310,7 +321,7 @@ async fn a_copy_of_a_create_slower_than_the_wait_gets_409<DB: Held>(rig: &Rig<DB
     );
     assert_eq!(copy.retry_after(), Some(1));
     assert!(
-        waited >= Duration::from_millis(900) && waited < Duration::from_millis(2900),
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(4500),
         "the copy waited about the layer's wait, not the whole create: {waited:?}"
     );
     let first = first.await.expect("the first").expect("loopback");

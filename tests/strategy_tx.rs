@@ -653,7 +653,7 @@ async fn postgres_failed_claim_leaves_the_transaction_usable() {
 /// its connection until the other commits), the wait's bound is lifted again for the rest of
 /// the transaction, and once the other commits a claim replays.
 macro_rules! claim_within_bounds_the_wait {
-    ($name:ident, $pool:path, $store:path, $show:literal) => {
+    ($name:ident, $pool:path, $store:path, $set:literal, $show:literal) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
         async fn $name() {
             use std::time::{Duration, Instant};
@@ -677,6 +677,11 @@ macro_rules! claim_within_bounds_the_wait {
             };
 
             let mut copy = store.pool().begin().await.expect("begin");
+            // A value of the application's own, which the claim must put back.
+            sqlx::raw_sql($set)
+                .execute(&mut *copy)
+                .await
+                .expect("the application's timeout");
             let before: String = sqlx::query_scalar($show)
                 .fetch_one(&mut *copy)
                 .await
@@ -699,6 +704,7 @@ macro_rules! claim_within_bounds_the_wait {
                 .await
                 .expect("the timeout, after");
             assert_eq!(after, before, "the bound is lifted after the claim");
+            assert!(before.starts_with('7'), "{before}");
             copy.rollback().await.expect("rollback");
 
             store
@@ -720,6 +726,7 @@ claim_within_bounds_the_wait!(
     postgres_claim_within_bounds_the_wait,
     idem_tests::sql_servers::postgres_pool,
     idem_tests::sql_servers::postgres_store,
+    "SET LOCAL lock_timeout = '7s'",
     "SELECT current_setting('lock_timeout')"
 );
 
@@ -727,5 +734,6 @@ claim_within_bounds_the_wait!(
     mysql_claim_within_bounds_the_wait,
     idem_tests::sql_servers::mysql_pool,
     idem_tests::sql_servers::mysql_store,
+    "SET SESSION innodb_lock_wait_timeout = 7",
     "SELECT CAST(@@SESSION.innodb_lock_wait_timeout AS CHAR)"
 );

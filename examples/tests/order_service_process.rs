@@ -197,7 +197,9 @@ database!(
     count = "SELECT COUNT(*) FROM orders WHERE user_id = ?"
 );
 
-/// The service is killed while its create waits on a lock another session holds; the lock is
+/// The service is killed while its create waits on a lock another session holds (on
+/// PostgreSQL and MariaDB the `orders` table, so the claim is made and the insert waits; on
+/// SQLite the whole file, so the claim itself waits); the lock is
 /// released (the dead process's database session may still finish the statement it was
 /// waiting on, but never commits), the service is restarted, the client retries: exactly one
 /// order.

@@ -64,9 +64,9 @@ pub trait Backend: Database + sealed::Sealed {
     /// would otherwise see the transaction's snapshot).
     const LOCKING_READ: &'static str = "";
 
-    /// The statement that bounds how long the statements after it in a transaction wait for a
-    /// row lock to `wait`, and the one that lifts the bound again; `None` where idem leaves it
-    /// to the database (SQLite, whose writers wait out the busy timeout).
+    /// The statements that bound how long the statements after them in a transaction wait for
+    /// a row lock to `wait`, and the one that puts the bound in force before back; `None` where
+    /// idem leaves it to the database (SQLite, whose writers wait out the busy timeout).
     #[doc(hidden)]
     fn lock_wait(wait: Duration) -> Option<(String, &'static str)> {
         let _ = wait;
@@ -130,11 +130,15 @@ impl Backend for sqlx::Postgres {
     const LOCKING_READ: &'static str = " FOR SHARE";
 
     fn lock_wait(wait: Duration) -> Option<(String, &'static str)> {
-        // Local to the transaction: it ends with it, whatever happens.
+        // Local to the transaction, so it ends with it whatever happens; the value in force
+        // before (the session's, or the transaction's own) is kept aside and put back.
         let millis = wait.as_millis().clamp(1, i32::MAX as u128);
         Some((
-            format!("SET LOCAL lock_timeout = {millis}"),
-            "SET LOCAL lock_timeout TO DEFAULT",
+            format!(
+                "SELECT set_config('idem.lock_timeout', current_setting('lock_timeout'), true); \
+                 SET LOCAL lock_timeout = {millis}"
+            ),
+            "SELECT set_config('lock_timeout', current_setting('idem.lock_timeout'), true)",
         ))
     }
 
@@ -169,11 +173,16 @@ impl Backend for sqlx::MySql {
     const LOCKING_READ: &'static str = " LOCK IN SHARE MODE";
 
     fn lock_wait(wait: Duration) -> Option<(String, &'static str)> {
-        // Whole seconds, at least one; the session's value is set back after the claim.
+        // Whole seconds, at least one. The setting belongs to the session, which outlives the
+        // transaction on its pooled connection: the session's value is kept aside in a user
+        // variable and put back after the claim.
         let seconds = wait.as_millis().div_ceil(1000).clamp(1, 1 << 30);
         Some((
-            format!("SET SESSION innodb_lock_wait_timeout = {seconds}"),
-            "SET SESSION innodb_lock_wait_timeout = DEFAULT",
+            format!(
+                "SET @idem_lock_wait = @@SESSION.innodb_lock_wait_timeout; \
+                 SET SESSION innodb_lock_wait_timeout = {seconds}"
+            ),
+            "SET SESSION innodb_lock_wait_timeout = @idem_lock_wait",
         ))
     }
 
@@ -473,7 +482,14 @@ where
     match (claimed, lifted) {
         (claimed, Ok(_)) => claimed,
         (Err(claim), Err(_)) => Err(claim),
-        (Ok(_), Err(error)) => Err(error),
+        // As every error of a claim: nothing of it stays in the transaction.
+        (Ok(TxClaim::Run(claim)), Err(error)) => {
+            match abandon::<DB>(&mut **tx, claim.savepoint()).await {
+                Ok(()) => Err(error),
+                Err(undo) => Err(store_error::<DB>(format!("{error}; then {undo}"))),
+            }
+        }
+        (Ok(TxClaim::Completed(_)), Err(error)) => Err(error),
     }
 }
 

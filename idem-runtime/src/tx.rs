@@ -122,10 +122,13 @@ pub trait TxStore: Store {
     /// [`claim_in`](Self::claim_in), waiting at most `wait` for another transaction that
     /// holds the record's row lock (a copy of this call that has not committed): after that
     /// the claim gives up with [`Error::InProgress`] instead of holding its connection until
-    /// the other commits. PostgreSQL bounds the wait to the millisecond (`lock_timeout`),
-    /// MySQL / MariaDB to whole seconds (`innodb_lock_wait_timeout`, set back after the
-    /// claim); on SQLite, where a writer waits for any other writer, the pool's busy timeout
-    /// applies and its expiry is [`Error::Store`].
+    /// the other commits. PostgreSQL bounds the wait to the millisecond (`lock_timeout`, local
+    /// to the transaction), MySQL / MariaDB to whole seconds (`innodb_lock_wait_timeout`); the
+    /// value in force before is put back after the claim, so the body's statements wait as
+    /// they would have. On MySQL the setting belongs to the session, which outlives the
+    /// transaction: a call cancelled between the two (its future dropped) leaves the bound on
+    /// the connection. On SQLite, where a writer waits for any other writer, the pool's busy
+    /// timeout applies and its expiry is [`Error::Store`].
     ///
     /// # Errors
     ///

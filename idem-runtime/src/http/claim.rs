@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::Request;
 use axum::response::Response;
@@ -55,8 +55,32 @@ enum Failure {
     Idem(Error),
     /// The handler's response is not final: returned as it is, the key released.
     NotKept(Response),
-    /// The handler's response body could not be read.
-    Body(axum::Error),
+}
+
+/// What the claimed call gives [`run`](crate::run) to record: the response, or a response
+/// whose body could not be read. The latter has no stored form: serializing it fails, so
+/// `run` keeps the claim, as for any result of a body that ran and cannot be recorded (the
+/// handler's effect happened; releasing the key would let a retry repeat it at once).
+enum Recorded {
+    Response(StoredResponse),
+    Unreadable(String),
+}
+
+impl serde::Serialize for Recorded {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Response(stored) => stored.serialize(serializer),
+            Self::Unreadable(why) => Err(serde::ser::Error::custom(format!(
+                "the response body could not be read: {why}"
+            ))),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Recorded {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        StoredResponse::deserialize(deserializer).map(Self::Response)
+    }
 }
 
 impl From<Error> for Failure {
@@ -115,9 +139,9 @@ where
         let _ = started.set(Instant::now());
         let response = call(&mut inner, request).await;
         match read_response(settings, response).await {
-            Ok(Ok(stored)) => Ok::<StoredResponse, Failure>(stored),
+            Ok(Ok(stored)) => Ok::<Recorded, Failure>(Recorded::Response(stored)),
             Ok(Err(response)) => Err(Failure::NotKept(response)),
-            Err(error) => Err(Failure::Body(error)),
+            Err(error) => Ok(Recorded::Unreadable(error.to_string())),
         }
     };
     let (scope, key) = (record.scope().to_owned(), record.key().to_owned());
@@ -130,19 +154,16 @@ where
     )
     .await;
     let (response, outcome) = match outcome {
-        Ok(stored) => match started.get() {
+        Ok(Recorded::Response(stored)) => match started.get() {
             None => (stored.into_response(true), "replayed"),
             Some(_) => (stored.into_response(false), "executed"),
         },
-        Err(Failure::NotKept(response)) => (response, "failed"),
-        Err(Failure::Body(error)) => (
-            outcome_unknown(
-                &error,
-                "the handler ran, but its response body could not be read, so it was not recorded and the key was released: a retry with the same Idempotency-Key runs the request again, at once".to_owned(),
-                Duration::from_secs(1),
-            ),
-            "outcome_unknown",
+        // Never recorded (it does not serialize), so never returned by `run`.
+        Ok(Recorded::Unreadable(why)) => (
+            handler_failed(&why, "the handler's response body could not be read"),
+            "failed",
         ),
+        Err(Failure::NotKept(response)) => (response, "failed"),
         Err(Failure::Idem(error)) => match started.get() {
             Some(at) if !matches!(error, Error::LeaseLost { .. }) => {
                 let left = settings.policy.lease().saturating_sub(at.elapsed());

@@ -33,7 +33,11 @@ fn parse(value: &[u8]) -> Result<String, &'static str> {
     let (key, quoted) = match text.strip_prefix('"') {
         Some(rest) => match rest.find('"') {
             Some(end) if end + 1 == rest.len() => (&rest[..end], true),
-            Some(_) => return Err("has a quote inside the key, or text after the closing quote"),
+            Some(_) => {
+                return Err(
+                    "has a quote inside the key (escapes are not accepted), or text after the closing quote",
+                );
+            }
             None => return Err("opens a quote it does not close"),
         },
         None => (text, false),

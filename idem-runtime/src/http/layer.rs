@@ -182,7 +182,7 @@ impl<S, M> IdempotencyLayer<S, M> {
     /// Waits until every request this layer (and its clones) claimed has finished and its
     /// response is recorded — including those whose client went away. Call it on shutdown,
     /// after the server stopped taking requests (`axum::serve(…).with_graceful_shutdown(…)`
-    /// returned); requests claimed after it was called are waited for too.
+    /// returned); requests claimed while it waits are waited for too.
     pub async fn finished(&self) {
         self.settings.running.close();
         self.settings.running.wait().await;

@@ -63,7 +63,7 @@
 //! that says what happened and what a retry does. Keys are scoped by the layer's scope and by
 //! the caller's identity, so one caller can never receive another's stored response — use a
 //! [`Caller`] that names the authenticated client (an API key, a tenant), not something a
-//! client can choose freely. The fingerprint that tells a retry from a reused key covers the
+//! client can choose freely; it is kept and traced only as its SHA-256 ([`record_key`]). The fingerprint that tells a retry from a reused key covers the
 //! method, the path and query, the `Content-Type` and the body.
 //!
 //! Which responses are final is set by [`keep`](IdempotencyLayer::keep): by default every
@@ -74,8 +74,8 @@
 //! # The key
 //!
 //! The draft defines the field as an RFC 8941 structured-field string:
-//! `Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"`. idem accepts that, and also a bare
-//! key without the quotes, since many clients send a UUID as it is; `"abc"` and `abc` are the
+//! `Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"`. idem accepts a subset of those
+//! strings — no escapes, no spaces, no parameters — and also a bare key without the quotes, since many clients send a UUID as it is; `"abc"` and `abc` are the
 //! same key. Either way the key is 1 to [`MAX_KEY_LEN`] visible ASCII characters other than
 //! `"` and `\` (so no escapes are ever needed), and a bare key holds no `,` or `;` either
 //! (they would make the field a list or give it parameters). Spaces or tabs around the value
@@ -101,6 +101,7 @@ pub use claim::ClaimMode;
 pub use key::{IDEMPOTENCY_KEY, MAX_KEY_LEN};
 pub use layer::{DEFAULT_MAX_BODY, DEFAULT_RETRY_AFTER, Idempotency, IdempotencyLayer, is_final};
 pub use problem::Problem;
+pub use request::record_key;
 pub use stored::IDEMPOTENT_REPLAYED;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub use tx::{DEFAULT_TX_WAIT, Tx, TxMode};

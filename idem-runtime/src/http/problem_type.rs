@@ -71,8 +71,12 @@
 //!
 //! # handler-failed
 //!
-//! `500`: the handler panicked. With the `claim` layer its key stays in progress until its
-//! lease ends; with the `tx` layer its writes were rolled back and a retry runs it again.
+//! `500`: the handler did not give a response that can be recorded — it panicked, its response
+//! body could not be read, its transaction failed (a statement in it failed, `tx` layer), it
+//! kept its [`Tx`](super::Tx) past its return, or it asks for a `Tx` on a route without the
+//! `tx` layer. The detail says what a retry does: with the `claim` layer a key whose handler
+//! ran stays in progress until its lease ends; with the `tx` layer its writes were rolled back
+//! and a retry runs it again.
 
 /// Where the problem types are described: this module's documentation.
 macro_rules! base {
@@ -103,5 +107,5 @@ problem_types! {
     NOT_PROCESSED = "not-processed": "The type of a request not processed: the store was unreachable.",
     OUTCOME_UNKNOWN = "outcome-unknown": "The type of a request that ran but whose response was not recorded.",
     RECORD_UNUSABLE = "record-unusable": "The type of a key whose stored response does not decode.",
-    HANDLER_FAILED = "handler-failed": "The type of a request whose handler panicked.",
+    HANDLER_FAILED = "handler-failed": "The type of a request whose handler failed to give a response that can be recorded.",
 }

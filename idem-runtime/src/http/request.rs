@@ -82,7 +82,7 @@ pub(crate) async fn prepare(settings: &Settings, request: Request) -> Prepared {
         // Over the limit without a length, or the body could not be read.
         return too_large();
     };
-    let record = match RecordKey::from_value(&settings.scope, &(caller.as_str(), key.as_str())) {
+    let record = match record_key(&settings.scope, &caller, &key) {
         Ok(record) => record,
         Err(error) => {
             return Prepared::Refused(
@@ -102,6 +102,31 @@ pub(crate) async fn prepare(settings: &Settings, request: Request) -> Prepared {
         fingerprint,
         request: Request::from_parts(parts, Body::from(bytes)),
     }
+}
+
+/// The record under which the layer keeps the requests of `caller` with the `Idempotency-Key`
+/// `key` on a layer of `scope` — to look one up or purge it. The caller is in it as the hex
+/// SHA-256 of its identity, so that an identity that is a secret (an API key) is neither
+/// stored nor traced.
+///
+/// ```
+/// let record = idem_runtime::http::record_key("orders.create", "sk_live_123", "8e03978e")?;
+/// assert!(!record.key().contains("sk_live_123"));
+/// # Ok::<(), idem_runtime::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// [`Error::EmptyScope`] or [`Error::EmptyKey`] for an empty scope, caller or key.
+pub fn record_key(scope: &str, caller: &str, key: &str) -> Result<RecordKey, Error> {
+    if caller.trim().is_empty() {
+        return Err(Error::EmptyKey {
+            scope: scope.to_owned(),
+        });
+    }
+    let digest = Sha256::digest(caller.as_bytes());
+    let caller: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+    RecordKey::from_value(scope, &(caller.as_str(), key))
 }
 
 /// Calls the handler.

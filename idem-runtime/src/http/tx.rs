@@ -125,6 +125,12 @@ fn lock<DB: Database>(
 /// handler returned. Write through it as through a `sqlx::Transaction` (`&mut **tx` is the
 /// connection); do not keep it past the handler: the layer takes it back when it is dropped.
 ///
+/// A statement that fails ends the transaction on PostgreSQL (every later statement is
+/// refused): a handler that answers after a statement it expects to fail (a unique violation
+/// it reports as `409`) runs that statement in a nested transaction (`tx.begin()`, a
+/// savepoint). On MySQL, a statement that commits implicitly (DDL, `LOCK TABLES`) commits the
+/// claim with it: keep such statements out of a `Tx`.
+///
 /// A handler on a route without the layer (or with a layer of another database) is refused
 /// with `500` when it asks for one.
 pub struct Tx<DB: Database> {
@@ -303,9 +309,17 @@ where
                     Some(claim)
                 }
                 Ok(TxClaim::Completed(stored)) => {
-                    outcome("replayed");
                     roll_back(tx).await;
-                    return replay(settings, record, &stored);
+                    return match crate::handler::decode::<StoredResponse>(record, &stored) {
+                        Ok(stored) => {
+                            outcome("replayed");
+                            stored.into_response(true)
+                        }
+                        Err(error) => {
+                            outcome("store_error");
+                            refused(settings, &error)
+                        }
+                    };
                 }
                 Err(error) => {
                     outcome(crate::handler::outcome_of(&error));
@@ -347,11 +361,7 @@ where
     {
         outcome(crate::handler::outcome_of(&error));
         roll_back(tx).await;
-        tracing::warn!(%error, "the response could not be stored in the request's transaction: rolled back, 503");
-        return not_processed(format!(
-                "the response could not be stored in the request's transaction ({error}), so the transaction was rolled back and nothing of this request was committed; retry with the same Idempotency-Key"
-            ))
-            .into_response();
+        return not_recorded(&error);
     }
     match tx.commit().await {
         Ok(()) => {
@@ -367,6 +377,40 @@ where
                 ),
                 Duration::from_secs(1),
             )
+        }
+    }
+}
+
+/// The answer when the response could not be stored in the request's transaction, which was
+/// then rolled back: what that means depends on why.
+fn not_recorded(error: &Error) -> Response {
+    let database_refused = match error {
+        Error::Store(store) => std::error::Error::source(store)
+            .and_then(|source| source.downcast_ref::<sqlx::Error>())
+            .is_some_and(|source| matches!(source, sqlx::Error::Database(_))),
+        _ => false,
+    };
+    match error {
+        // The record is no longer this transaction's: the database ended the transaction
+        // under the handler (MySQL rolls it back on a deadlock), and what the handler wrote
+        // after that was committed statement by statement.
+        Error::LeaseLost { .. } => outcome_unknown(
+            error,
+            "the request's transaction was ended by the database while the handler ran (a deadlock, say), so its response could not be stored; writes the handler made after that may have been committed on their own. A retry with the same Idempotency-Key runs the request again".to_owned(),
+            Duration::from_secs(1),
+        ),
+        // The connection is fine, the transaction is not: a statement of the handler failed
+        // (PostgreSQL then refuses every later statement of the transaction).
+        _ if database_refused => handler_failed(
+            error,
+            "the request's transaction failed (a statement in it failed, which ends it on PostgreSQL), so nothing of this request was committed: a retry with the same Idempotency-Key runs it again. A handler that answers after a statement it expects to fail runs that statement in a nested transaction (`tx.begin()`, a savepoint)",
+        ),
+        _ => {
+            tracing::warn!(%error, "the response could not be stored in the request's transaction: rolled back, 503");
+            not_processed(format!(
+                "the response could not be stored in the request's transaction ({error}), so the transaction was rolled back and nothing of this request was committed; retry with the same Idempotency-Key"
+            ))
+            .into_response()
         }
     }
 }
@@ -387,14 +431,6 @@ async fn record_in<S: TxStore>(
     store
         .complete_in(tx, record, claim, &bytes, settings.policy.ttl())
         .await
-}
-
-/// The stored response of `record`, replayed.
-fn replay(settings: &Settings, record: &RecordKey, stored: &[u8]) -> Response {
-    match crate::handler::decode::<StoredResponse>(record, stored) {
-        Ok(stored) => stored.into_response(true),
-        Err(error) => refused(settings, &error),
-    }
 }
 
 /// Rolls `tx` back; a rollback that fails leaves it to the database, which rolls back a
