@@ -693,7 +693,7 @@ async fn in_its_transaction(mut tx: idem_runtime::http::Tx<sqlx::Sqlite>) -> Sta
 
 /// Each answered request logs one line with its outcome, in both modes, and the outcome shows
 /// once in it (a span field recorded twice would show twice); a `503` is logged.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_answer_logs_its_outcome_once() {
     let lines = Lines::default();
     let subscriber = tracing_subscriber::fmt()
@@ -704,10 +704,19 @@ async fn each_answer_logs_its_outcome_once() {
         .with_max_level(tracing::Level::DEBUG)
         .with_ansi(false)
         .finish();
-    // A current-thread runtime: the layers' tasks run on this thread and see this subscriber.
-    let _default = tracing::subscriber::set_default(subscriber);
+    // Global, not scoped to this thread: with a thread-local subscriber, the other tests of
+    // this binary, running at the same time without one, can leave a callsite's cached
+    // interest at "never" and its events unseen. This is the only test here that sets one; it
+    // reads only the lines of its own scopes (`logged.…`).
+    tracing::subscriber::set_global_default(subscriber)
+        .expect("the only global subscriber of this test binary");
+    fn logged<S: Store + 'static>(store: S, scope: &str) -> IdempotencyLayer<S> {
+        IdempotencyLayer::new(store, scope)
+            .expect("a scope")
+            .caller(CallerHeader::new("X-Api-Key").expect("a header name"))
+    }
 
-    let (router, _) = app(layer(idem_runtime::MemoryStore::new()));
+    let (router, _) = app(logged(idem_runtime::MemoryStore::new(), "logged.claim"));
     for _ in 0..2 {
         send(
             &router,
@@ -720,7 +729,7 @@ async fn each_answer_logs_its_outcome_once() {
         .expect("open SQLite");
     down.migrate().await.expect("migrate");
     down.pool().close().await;
-    let (router, _) = app(layer(down));
+    let (router, _) = app(logged(down, "logged.down"));
     let refused = send(
         &router,
         post_to("/orders", Some("k-15"), Some("alice"), ORDER),
@@ -732,7 +741,7 @@ async fn each_answer_logs_its_outcome_once() {
         .await
         .expect("open SQLite");
     store.migrate().await.expect("migrate");
-    let in_tx = IdempotencyLayer::in_tx(store, "tx.logged").expect("a scope");
+    let in_tx = IdempotencyLayer::in_tx(store, "logged.tx").expect("a scope");
     let router = Router::new().route("/tx", post(in_its_transaction).layer(in_tx));
     for _ in 0..2 {
         let answer = send(&router, post_to("/tx", Some("k-16"), Some("alice"), "{}")).await;
@@ -742,7 +751,7 @@ async fn each_answer_logs_its_outcome_once() {
     let text = lines.text();
     let answered: Vec<&str> = text
         .lines()
-        .filter(|line| line.contains("answered"))
+        .filter(|line| line.contains("answered") && line.contains("logged."))
         .collect();
     assert_eq!(answered.len(), 5, "{text}");
     for line in &answered {
@@ -760,8 +769,9 @@ async fn each_answer_logs_its_outcome_once() {
         );
     }
     assert!(
-        text.lines()
-            .any(|line| line.contains("WARN") && line.contains("503")),
+        text.lines().any(|line| line.contains("WARN")
+            && line.contains("503")
+            && line.contains("closed pool")),
         "the 503 is logged: {text}"
     );
 }
