@@ -9,7 +9,7 @@
 //! model allows. On a difference proptest shrinks the sequence, and the failure prints the
 //! shortest one found with what the store answered at each step.
 //!
-//! # What the model encodes (read off `store.rs`, `memory.rs`, `sql.rs` and the claim of each
+//! # What the model encodes (read off `store/mod.rs`, `store/memory.rs`, `sql/mod.rs` and the claim of each
 //! SQL dialect, and the Lua of `redis.rs`)
 //!
 //! * A record is **live** while its deadline is in the future: the lease end for an

@@ -213,7 +213,7 @@ pub mod servers {
 }
 
 /// The same claim / complete / replay as idem's SQL stores, written by hand on sqlx with the
-/// same statements (copied from `idem-runtime/src/{postgres,mysql,sqlite}.rs` and `sql.rs`):
+/// same statements (copied from `idem-runtime/src/sql/{postgres,mysql,sqlite}.rs` and `sql/mod.rs`):
 /// no `RecordKey`, no fingerprint, no tracing span, no policy, the result serialized once.
 pub mod hand_sql {
     use super::*;

@@ -92,7 +92,6 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod cache;
 pub mod clock;
 mod error;
 mod fingerprint;
@@ -100,21 +99,10 @@ mod handler;
 #[cfg(feature = "axum")]
 pub mod http;
 mod key;
-mod memory;
 mod name;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 mod sql;
 mod store;
-mod sweeper;
-
-#[cfg(feature = "mysql")]
-pub mod mysql;
-#[cfg(feature = "postgres")]
-pub mod postgres;
-#[cfg(feature = "redis")]
-pub mod redis;
-#[cfg(feature = "sqlite")]
-pub mod sqlite;
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod state;
@@ -123,11 +111,24 @@ pub mod testing;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod tx;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
-pub mod unique;
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
-mod upsert;
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod version;
+
+// The stores and the SQL helpers live in `store/` and `sql/`; their public paths stay at the
+// root.
+#[cfg(feature = "mysql")]
+pub use sql::mysql;
+#[cfg(feature = "postgres")]
+pub use sql::postgres;
+#[cfg(feature = "sqlite")]
+pub use sql::sqlite;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub use sql::unique;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub(crate) use sql::upsert;
+pub use store::cache;
+pub(crate) use store::memory;
+#[cfg(feature = "redis")]
+pub use store::redis;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -138,8 +139,8 @@ pub use fingerprint::Fingerprint;
 pub use handler::{Policy, run};
 pub use key::{HASHED_PREFIX, IdempotencyKey, MAX_KEY_BYTES, RecordKey};
 pub use memory::MemoryStore;
+pub use store::sweeper::Sweeper;
 pub use store::{Claim, Lease, Store};
-pub use sweeper::Sweeper;
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub use sql::Backend as SqlDatabase;

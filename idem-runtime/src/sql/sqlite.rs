@@ -1,6 +1,6 @@
 //! A store in a SQLite database, over sqlx.
 //!
-//! One table, `idem_records` (see `sql/sqlite.sql` in the crate, or run
+//! One table, `idem_records` (see `src/sql/sqlite.sql` in the crate, or run
 //! [`SqliteStore::migrate`]). The claim reads the record first: a live one (completed, or in
 //! progress within its lease) answers at once, without taking the database's write lock, so
 //! a replay is one read that neither waits for writers nor holds them up. Otherwise a single
@@ -30,8 +30,8 @@ use crate::store::{Claim, Lease, new_owner};
 use crate::{Error, Fingerprint, RecordKey};
 
 /// The schema for the default table: `CREATE TABLE IF NOT EXISTS idem_records …` and its
-/// expiry index (the file `sql/sqlite.sql` of this crate).
-pub const SCHEMA: &str = include_str!("../sql/sqlite.sql");
+/// expiry index (the file `src/sql/sqlite.sql` of this crate).
+pub const SCHEMA: &str = include_str!("sqlite.sql");
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "idem_records";

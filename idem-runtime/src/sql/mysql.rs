@@ -1,6 +1,6 @@
 //! A store in a MySQL or MariaDB table, over sqlx.
 //!
-//! One InnoDB table, `idem_records` (see `sql/mysql.sql` in the crate, or run
+//! One InnoDB table, `idem_records` (see `src/sql/mysql.sql` in the crate, or run
 //! [`MySqlStore::migrate`]). Scope and key are `VARBINARY`, compared byte for byte: the usual
 //! collations would fold case, accents and trailing spaces and make different keys one. Times
 //! are milliseconds since the Unix epoch by the store's [`Clock`](crate::clock::Clock), bound as parameters: the
@@ -59,8 +59,8 @@ use crate::store::{Claim, Lease, new_owner};
 use crate::{Error, Fingerprint, RecordKey};
 
 /// The schema for the default table: `CREATE TABLE IF NOT EXISTS idem_records …` with its
-/// expiry index (the file `sql/mysql.sql` of this crate).
-pub const SCHEMA: &str = include_str!("../sql/mysql.sql");
+/// expiry index (the file `src/sql/mysql.sql` of this crate).
+pub const SCHEMA: &str = include_str!("mysql.sql");
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "idem_records";

@@ -13,6 +13,12 @@
 //! A released record (the body failed) and an expired record can be claimed again at once.
 //! Expired records are deleted by [`Store::purge_expired`] in bounded batches.
 
+pub mod cache;
+pub(crate) mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
+pub(crate) mod sweeper;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! A store in a PostgreSQL table, over sqlx.
 //!
-//! One table, `idem_records` (see `sql/postgres.sql` in the crate, or run
+//! One table, `idem_records` (see `src/sql/postgres.sql` in the crate, or run
 //! [`PostgresStore::migrate`]). Times are milliseconds since the Unix epoch by the store's
 //! [`Clock`](crate::clock::Clock), bound as parameters: the database's own clock is never read.
 //!
@@ -49,8 +49,8 @@ use crate::store::{Claim, Lease, new_owner};
 use crate::{Error, Fingerprint, RecordKey};
 
 /// The schema for the default table: `CREATE TABLE IF NOT EXISTS idem_records …` and its
-/// expiry index (the file `sql/postgres.sql` of this crate).
-pub const SCHEMA: &str = include_str!("../sql/postgres.sql");
+/// expiry index (the file `src/sql/postgres.sql` of this crate).
+pub const SCHEMA: &str = include_str!("postgres.sql");
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "idem_records";

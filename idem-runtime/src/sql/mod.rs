@@ -932,6 +932,15 @@ macro_rules! sql_store {
 
 pub(crate) use sql_store;
 
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+pub mod unique;
+pub(crate) mod upsert;
+
 /// The `insert_once` of a SQL store's module, for its database `$db`.
 macro_rules! insert_once_fn {
     ($db:ty) => {
