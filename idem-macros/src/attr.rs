@@ -9,6 +9,8 @@ use syn::parse::Parser;
 use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, Ident, Lit, LitBool, LitStr};
 
+use crate::ctxt::Errors;
+
 /// Every option, in the order the error messages list them.
 pub const OPTIONS: &[&str] = &[
     "key",
@@ -142,28 +144,6 @@ pub enum DurationValue {
 pub enum FingerprintValue {
     Switch(LitBool),
     Expr(Expr),
-}
-
-/// Collects every error of one expansion, so one compile reports them all.
-#[derive(Default)]
-pub struct Errors(Vec<syn::Error>);
-
-impl Errors {
-    pub fn push(&mut self, error: syn::Error) {
-        self.0.push(error);
-    }
-
-    pub fn spanned(&mut self, span: Span, message: impl std::fmt::Display) {
-        self.push(syn::Error::new(span, message));
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn to_compile_errors(&self) -> TokenStream {
-        self.0.iter().map(syn::Error::to_compile_error).collect()
-    }
 }
 
 /// Parses the attribute's arguments, recording every mistake in `errors`.
@@ -601,7 +581,7 @@ mod tests {
     fn messages(args: TokenStream) -> Vec<String> {
         let mut errors = Errors::default();
         parse(args, &mut errors);
-        errors.0.iter().map(ToString::to_string).collect()
+        errors.messages()
     }
 
     #[test]

@@ -6,7 +6,8 @@ use syn::ext::IdentExt as _;
 use syn::spanned::Spanned;
 
 use crate::ast::Handler;
-use crate::attr::{self, Assignment, Change, DurationValue, Errors};
+use crate::attr::{self, Assignment, Change, DurationValue};
+use crate::ctxt::Errors;
 use crate::valid::{
     self, Checked, FingerprintPlan, KeyPlan, Plan, StatePlan, Strategy, VersionPlan,
 };

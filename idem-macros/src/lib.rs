@@ -3,6 +3,7 @@
 
 mod ast;
 mod attr;
+mod ctxt;
 mod expand;
 mod state;
 mod valid;

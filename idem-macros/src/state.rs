@@ -7,7 +7,7 @@ use syn::ext::IdentExt as _;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Fields, Ident, LitStr};
 
-use crate::attr::Errors;
+use crate::ctxt::Errors;
 
 /// The expansion of the derive, or its errors.
 pub fn derive(input: TokenStream) -> TokenStream {

@@ -6,7 +6,8 @@ use syn::spanned::Spanned;
 use syn::{Expr, Ident, Index, LitStr, Member, ReturnType, Type};
 
 use crate::ast::Handler;
-use crate::attr::{Assignment, DurationValue, Errors, FingerprintValue, Key, Options};
+use crate::attr::{Assignment, DurationValue, FingerprintValue, Key, Options};
+use crate::ctxt::Errors;
 
 /// How the handler is made idempotent.
 #[derive(Clone, Copy, PartialEq, Eq)]
