@@ -16,12 +16,14 @@ use crate::{Error, RecordKey, StoreError};
 mod dialect;
 mod savepoint;
 mod table;
+mod tx_store;
 
 pub use dialect::{Backend, Dialect};
 pub(crate) use savepoint::{
     abandon, claim_in_within, new_savepoint, release_savepoint, set_savepoint, settle_in, undo,
 };
 pub(crate) use table::{Found, Table, decode_error, read_integer, schema_for, sql, stored_fence};
+pub use tx_store::{TxClaim, TxLease, TxStore};
 
 /// Runs `attempt` until it settles the claim (`Some`), at most [`CLAIM_ATTEMPTS`] times; a
 /// deadlock or serialization failure (SQLSTATE 40001 or 40P01), which rolled the statement
@@ -158,7 +160,7 @@ macro_rules! sql_store {
             }
         }
 
-        impl $crate::tx::TxStore for $store {
+        impl $crate::sql::TxStore for $store {
             type Database = $db;
 
             async fn begin(&self) -> Result<::sqlx::Transaction<'static, $db>, Error> {
@@ -175,7 +177,7 @@ macro_rules! sql_store {
                 key: &RecordKey,
                 fingerprint: Option<&Fingerprint>,
                 lease: ::std::time::Duration,
-            ) -> Result<$crate::tx::TxClaim, Error> {
+            ) -> Result<$crate::sql::TxClaim, Error> {
                 let savepoint = $crate::sql::new_savepoint();
                 $crate::sql::set_savepoint::<$db>(&mut **tx, &savepoint).await?;
                 let mut claim = Ok(None);
@@ -195,9 +197,9 @@ macro_rules! sql_store {
                 fingerprint: Option<&Fingerprint>,
                 lease: ::std::time::Duration,
                 wait: ::std::time::Duration,
-            ) -> Result<$crate::tx::TxClaim, Error> {
+            ) -> Result<$crate::sql::TxClaim, Error> {
                 $crate::sql::claim_in_within::<$db, _>(tx, key, lease, wait, async |tx| {
-                    $crate::tx::TxStore::claim_in(self, tx, key, fingerprint, lease).await
+                    $crate::sql::TxStore::claim_in(self, tx, key, fingerprint, lease).await
                 })
                 .await
             }
@@ -206,7 +208,7 @@ macro_rules! sql_store {
                 &self,
                 tx: &mut ::sqlx::Transaction<'_, $db>,
                 key: &RecordKey,
-                claim: &$crate::tx::TxLease,
+                claim: &$crate::sql::TxLease,
                 result: &[u8],
                 ttl: ::std::time::Duration,
             ) -> Result<(), Error> {
@@ -219,7 +221,7 @@ macro_rules! sql_store {
             async fn abandon_in(
                 &self,
                 tx: &mut ::sqlx::Transaction<'_, $db>,
-                claim: &$crate::tx::TxLease,
+                claim: &$crate::sql::TxLease,
             ) -> Result<(), Error> {
                 $crate::sql::abandon::<$db>(&mut **tx, claim.savepoint()).await
             }

@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, Executor};
 
-use super::{Backend, CLAIM_ATTEMPTS, store_error};
+use super::{Backend, CLAIM_ATTEMPTS, TxClaim, TxLease, store_error};
 use crate::store::Claim;
-use crate::tx::{TxClaim, TxLease};
 use crate::{Error, RecordKey, StoreError};
 
 /// [`TxStore::claim_in`](crate::tx::TxStore::claim_in) with the wait on another transaction's
