@@ -3,16 +3,14 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::Request;
 use axum::response::Response;
 use tracing::Instrument as _;
 
-use super::layer::{Idempotency, IdempotencyLayer};
+use super::layer::{IdempotencyLayer, Mode};
 use super::request::{
     Prepared, call, handler_failed, outcome_unknown, prepare, read_response, refused,
 };
@@ -27,25 +25,21 @@ use crate::{Error, Fingerprint, RecordKey, Store};
 #[derive(Clone, Copy, Debug)]
 pub enum ClaimMode {}
 
-impl<S, Inner> tower::Service<Request> for Idempotency<S, Inner, ClaimMode>
+impl super::layer::sealed::Sealed for ClaimMode {}
+
+impl<S, Inner> Mode<S, Inner> for ClaimMode
 where
     S: Store + 'static,
     Inner:
         tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     Inner::Future: Send,
 {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
-        let inner = self.take_inner();
-        let layer = self.layer.clone();
-        Box::pin(async move { Ok(handle(layer, inner, request).await) })
+    fn handle(
+        layer: IdempotencyLayer<S, Self>,
+        inner: Inner,
+        request: Request,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        handle(layer, inner, request)
     }
 }
 

@@ -1,11 +1,17 @@
 //! The layer and its settings, shared by both modes.
 
+use std::convert::Infallible;
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::Request;
 use axum::http::StatusCode;
+use axum::response::Response;
 use tokio_util::task::TaskTracker;
 
 use super::caller::{Caller, OneCaller};
@@ -223,14 +229,41 @@ impl<S, Inner, M> fmt::Debug for Idempotency<S, Inner, M> {
     }
 }
 
-impl<S, Inner, M> Idempotency<S, Inner, M>
+/// How a mode runs a request: [`ClaimMode`] or [`TxMode`](super::TxMode). Sealed: the modes
+/// are idem's.
+pub trait Mode<S, Inner>: sealed::Sealed + Sized + 'static {
+    /// Runs `request` through `inner` under `layer`.
+    #[doc(hidden)]
+    fn handle(
+        layer: IdempotencyLayer<S, Self>,
+        inner: Inner,
+        request: Request,
+    ) -> impl Future<Output = Response> + Send + 'static;
+}
+
+pub(crate) mod sealed {
+    pub trait Sealed {}
+}
+
+impl<S, Inner, M> tower::Service<Request> for Idempotency<S, Inner, M>
 where
-    Inner: Clone,
+    Inner: tower::Service<Request, Response = Response, Error = Infallible> + Clone,
+    M: Mode<S, Inner>,
 {
-    /// The ready inner service for this call; a fresh clone waits for the next one.
-    pub(crate) fn take_inner(&mut self) -> Inner {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // The ready service goes into the call; a fresh clone waits for the next one.
         let clone = self.inner.clone();
-        std::mem::replace(&mut self.inner, clone)
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let handled = M::handle(self.layer.clone(), inner, request);
+        Box::pin(async move { Ok(handled.await) })
     }
 }
 

@@ -99,7 +99,9 @@ mod tx;
 pub use caller::{Caller, CallerHeader, OneCaller};
 pub use claim::ClaimMode;
 pub use key::{IDEMPOTENCY_KEY, MAX_KEY_LEN};
-pub use layer::{DEFAULT_MAX_BODY, DEFAULT_RETRY_AFTER, Idempotency, IdempotencyLayer, is_final};
+pub use layer::{
+    DEFAULT_MAX_BODY, DEFAULT_RETRY_AFTER, Idempotency, IdempotencyLayer, Mode, is_final,
+};
 pub use problem::Problem;
 pub use request::record_key;
 pub use stored::IDEMPOTENT_REPLAYED;

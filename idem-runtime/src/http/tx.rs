@@ -5,9 +5,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Request};
@@ -19,7 +17,7 @@ use tracing::Instrument as _;
 use tracing::field::Empty;
 
 use super::Problem;
-use super::layer::{Idempotency, IdempotencyLayer, Settings};
+use super::layer::{IdempotencyLayer, Mode, Settings};
 use super::problem_type::HANDLER_FAILED;
 use super::request::{
     Prepared, call, handler_failed, not_processed, outcome_unknown, prepare, read_response, refused,
@@ -193,25 +191,21 @@ impl<DB: Database, State: Send + Sync> FromRequestParts<State> for Tx<DB> {
     }
 }
 
-impl<S, Inner> tower::Service<Request> for Idempotency<S, Inner, TxMode>
+impl super::layer::sealed::Sealed for TxMode {}
+
+impl<S, Inner> Mode<S, Inner> for TxMode
 where
     S: TxStore + 'static,
     Inner:
         tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     Inner::Future: Send,
 {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
-        let inner = self.take_inner();
-        let layer = self.layer.clone();
-        Box::pin(async move { Ok(handle(layer, inner, request).await) })
+    fn handle(
+        layer: IdempotencyLayer<S, Self>,
+        inner: Inner,
+        request: Request,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        handle(layer, inner, request)
     }
 }
 
