@@ -1,8 +1,57 @@
 //! The handler as the macro sees it: the function as written and its arguments by name.
 
 use proc_macro2::{Span, TokenStream};
+use quote::{ToTokens, TokenStreamExt as _};
+use syn::parse::{Parse, ParseStream};
 use syn::spanned::Spanned;
-use syn::{FnArg, Ident, Item, ItemFn, Pat};
+use syn::{Attribute, FnArg, Ident, Item, Pat, Signature, Visibility, braced, token};
+
+/// A function as written: its attributes, visibility and signature parsed, its body kept as
+/// tokens. A half-typed body (`let x = ;`, the normal state while typing) then gets rustc's own
+/// error at the user's code, not "this is not a function" (tracing-attributes' `MaybeItemFn`).
+pub struct ItemFn {
+    /// `#[…]` before the function.
+    pub outer: Vec<Attribute>,
+    /// `#![…]` at the top of its body.
+    pub inner: Vec<Attribute>,
+    pub vis: Visibility,
+    pub sig: Signature,
+    brace: token::Brace,
+    /// The body after its inner attributes, unparsed.
+    pub body: TokenStream,
+}
+
+impl Parse for ItemFn {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let outer = input.call(Attribute::parse_outer)?;
+        let vis = input.parse()?;
+        let sig = input.parse()?;
+        let content;
+        let brace = braced!(content in input);
+        let inner = content.call(Attribute::parse_inner)?;
+        let body = content.parse()?;
+        Ok(Self {
+            outer,
+            inner,
+            vis,
+            sig,
+            brace,
+            body,
+        })
+    }
+}
+
+impl ToTokens for ItemFn {
+    fn to_tokens(&self, tokens: &mut TokenStream) {
+        tokens.append_all(&self.outer);
+        self.vis.to_tokens(tokens);
+        self.sig.to_tokens(tokens);
+        self.brace.surround(tokens, |tokens| {
+            tokens.append_all(&self.inner);
+            self.body.to_tokens(tokens);
+        });
+    }
+}
 
 /// An annotated function, kept as written.
 pub struct Handler {

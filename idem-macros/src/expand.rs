@@ -5,7 +5,7 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::ext::IdentExt as _;
 use syn::spanned::Spanned;
 
-use crate::ast::Handler;
+use crate::ast::{Handler, ItemFn};
 use crate::attr::{self, Assignment, Change, DurationValue};
 use crate::ctxt::Errors;
 use crate::valid::{
@@ -41,11 +41,11 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
                 // A state or version handler's body returns `Ok(T)` under a signature promising
                 // `Transitioned<T, _>` or `Versioned<T>`, which only the expansion reconciles: keep the signature
                 // for the IDE, without the body, so the errors above are the only ones.
-                let syn::ItemFn {
-                    attrs, vis, sig, ..
+                let ItemFn {
+                    outer, vis, sig, ..
                 } = &handler.item;
                 return quote! {
-                    #(#attrs)*
+                    #(#outer)*
                     #[allow(unused_variables)]
                     #vis #sig {
                         ::core::panic!("`#[idempotent]` did not expand: see its errors")
@@ -60,20 +60,14 @@ pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 }
 
 fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
-    let syn::ItemFn {
-        attrs,
+    let ItemFn {
+        outer,
+        inner,
         vis,
         sig,
-        block,
+        body: stmts,
         ..
     } = &handler.item;
-    let outer = attrs
-        .iter()
-        .filter(|attr| matches!(attr.style, syn::AttrStyle::Outer));
-    let inner = attrs
-        .iter()
-        .filter(|attr| matches!(attr.style, syn::AttrStyle::Inner(_)));
-    let stmts = &block.stmts;
     let krate = &plan.krate;
     let private = quote!(#krate::__private);
     let output = &plan.output;
@@ -217,20 +211,14 @@ fn generate(handler: &Handler, plan: &Plan) -> TokenStream {
 
 /// `strategy = "state"`: check the transition at compile time, move the row, run the body.
 fn generate_state(handler: &Handler, plan: &StatePlan) -> TokenStream {
-    let syn::ItemFn {
-        attrs,
+    let ItemFn {
+        outer,
+        inner,
         vis,
         sig,
-        block,
+        body: stmts,
         ..
     } = &handler.item;
-    let outer = attrs
-        .iter()
-        .filter(|attr| matches!(attr.style, syn::AttrStyle::Outer));
-    let inner = attrs
-        .iter()
-        .filter(|attr| matches!(attr.style, syn::AttrStyle::Inner(_)));
-    let stmts = &block.stmts;
     let StatePlan {
         krate,
         machine,
@@ -292,20 +280,14 @@ fn generate_state(handler: &Handler, plan: &StatePlan) -> TokenStream {
 
 /// `strategy = "version"`: update the row at the expected version, then run the body.
 fn generate_version(handler: &Handler, plan: &VersionPlan) -> TokenStream {
-    let syn::ItemFn {
-        attrs,
+    let ItemFn {
+        outer,
+        inner,
         vis,
         sig,
-        block,
+        body: stmts,
         ..
     } = &handler.item;
-    let outer = attrs
-        .iter()
-        .filter(|attr| matches!(attr.style, syn::AttrStyle::Outer));
-    let inner = attrs
-        .iter()
-        .filter(|attr| matches!(attr.style, syn::AttrStyle::Inner(_)));
-    let stmts = &block.stmts;
     let VersionPlan {
         krate,
         table,
@@ -394,7 +376,7 @@ fn generate_version(handler: &Handler, plan: &VersionPlan) -> TokenStream {
 /// handler's types, with errors at the user's code. The statements go straight into the
 /// block: wrapping the block itself would leave a one-expression body such as `{ Ok(x) }` as
 /// a block in tail position, which `unused_braces` reports on the user's code.
-fn anchored_body(anchor: &Ident, output: &TokenStream, stmts: &[syn::Stmt]) -> TokenStream {
+fn anchored_body(anchor: &Ident, output: &TokenStream, stmts: &TokenStream) -> TokenStream {
     quote! {
         async {
             #[allow(
@@ -410,7 +392,7 @@ fn anchored_body(anchor: &Ident, output: &TokenStream, stmts: &[syn::Stmt]) -> T
                 let #anchor: #output = loop {};
                 return #anchor;
             }
-            #(#stmts)*
+            #stmts
         }
     }
 }
