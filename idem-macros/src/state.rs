@@ -19,7 +19,75 @@ pub fn derive(input: TokenStream) -> TokenStream {
     let expanded = expand(&input, &mut errors);
     match (errors.is_empty(), expanded) {
         (true, Some(expanded)) => expanded,
-        _ => errors.to_compile_errors(),
+        _ => {
+            let errors = errors.to_compile_errors();
+            let fallback = fallback(&input);
+            quote!(#errors #fallback)
+        }
+    }
+}
+
+/// What a failed derive emits besides its errors (thiserror's `fallback.rs`): a stand-in impl,
+/// so that handlers naming the machine and code calling its methods get no errors of their
+/// own — the derive's are the ones to fix. It declares every transition and panics if called;
+/// it never runs, since the crate does not compile. None for a generic type, whose bounds the
+/// stand-in could not know.
+fn fallback(input: &DeriveInput) -> TokenStream {
+    if !input.generics.params.is_empty() {
+        return TokenStream::new();
+    }
+    let name = &input.ident;
+    let krate = input
+        .attrs
+        .iter()
+        .filter(|attr| attr.path().is_ident("state"))
+        .find_map(|attr| {
+            let mut krate = None;
+            let _ = attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("crate") {
+                    let lit: LitStr = meta.value()?.parse()?;
+                    krate = lit.parse::<syn::Path>().ok();
+                } else if meta.input.peek(syn::Token![=]) {
+                    let _: syn::Expr = meta.value()?.parse()?;
+                }
+                Ok(())
+            });
+            krate
+        })
+        .unwrap_or_else(|| syn::parse_quote!(::idem_runtime));
+    let failed = "`#[derive(StateMachine)]` failed: see its errors";
+    quote! {
+        impl #name {
+            #[doc(hidden)]
+            pub const fn __idem_declared(from: Self, to: Self) -> bool {
+                let _ = (from, to);
+                true
+            }
+        }
+
+        impl #krate::state::StateMachine for #name {
+            const STORAGE: #krate::state::Storage = #krate::state::Storage::Text;
+
+            fn name(self) -> &'static str {
+                ::core::unreachable!(#failed)
+            }
+
+            fn from_text(_: &str) -> ::core::option::Option<Self> {
+                ::core::unreachable!(#failed)
+            }
+
+            fn to_int(self) -> i64 {
+                ::core::unreachable!(#failed)
+            }
+
+            fn from_int(_: i64) -> ::core::option::Option<Self> {
+                ::core::unreachable!(#failed)
+            }
+
+            fn reaches(self, _: Self) -> bool {
+                ::core::unreachable!(#failed)
+            }
+        }
     }
 }
 
