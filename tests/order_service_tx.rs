@@ -369,6 +369,34 @@ async fn a_commit_that_is_lost_is_502_and_the_retry_creates_once<DB: Held>(rig: 
     assert_eq!(held(rig, &client, "k-6").await, (1, 1));
 }
 
+/// The cases every database runs.
+async fn every_database<DB: Held>(rig: &Rig<DB>) {
+    creates_once_and_replays(rig).await;
+    copies_during_a_slow_create_never_make_a_second_order(rig).await;
+    a_client_that_times_out_and_retries_gets_the_first_order(rig).await;
+    body_rejections_are_problems_of_their_own_type(rig).await;
+}
+
+/// The cases of a database behind a network connection, which the fault proxy can cut.
+async fn networked<DB: Held>(rig: &Rig<DB>) {
+    every_database(rig).await;
+    a_cut_before_the_commit_leaves_no_order_and_no_record(rig).await;
+    a_copy_of_a_create_slower_than_the_wait_gets_409(rig).await;
+    a_commit_that_is_lost_is_502_and_the_retry_creates_once(rig).await;
+}
+
+/// A pool of 16 connections to `url` through a fault proxy.
+async fn proxied<DB: sqlx::Database>(url: &str, default_port: u16) -> (FaultProxy, Pool<DB>) {
+    let (proxy, through) = proxy::in_front_of(url, default_port).await;
+    let pool = sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&through)
+        .await
+        .expect("a pool through the proxy");
+    (proxy, pool)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tx_creates_on_sqlite() {
     let file = idem_tests::sqlite_file::TempDb::new("orders_tx");
@@ -376,11 +404,7 @@ async fn tx_creates_on_sqlite() {
         .await
         .expect("open SQLite");
     let pool = store.pool().clone();
-    let rig = Rig::start(pool.clone(), pool, None).await;
-    creates_once_and_replays(&rig).await;
-    copies_during_a_slow_create_never_make_a_second_order(&rig).await;
-    a_client_that_times_out_and_retries_gets_the_first_order(&rig).await;
-    body_rejections_are_problems_of_their_own_type(&rig).await;
+    every_database(&Rig::start(pool.clone(), pool, None).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -388,21 +412,8 @@ async fn tx_creates_on_postgres() {
     let Some(direct) = sql_servers::postgres_pool().await else {
         return;
     };
-    let (proxy, url) = proxy::in_front_of(&sql_servers::postgres_url(), 5432).await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(16)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&url)
-        .await
-        .expect("a pool through the proxy");
-    let rig = Rig::start(pool, direct, Some(proxy)).await;
-    creates_once_and_replays(&rig).await;
-    copies_during_a_slow_create_never_make_a_second_order(&rig).await;
-    a_client_that_times_out_and_retries_gets_the_first_order(&rig).await;
-    body_rejections_are_problems_of_their_own_type(&rig).await;
-    a_cut_before_the_commit_leaves_no_order_and_no_record(&rig).await;
-    a_copy_of_a_create_slower_than_the_wait_gets_409(&rig).await;
-    a_commit_that_is_lost_is_502_and_the_retry_creates_once(&rig).await;
+    let (proxy, pool) = proxied::<sqlx::Postgres>(&sql_servers::postgres_url(), 5432).await;
+    networked(&Rig::start(pool, direct, Some(proxy)).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -410,19 +421,6 @@ async fn tx_creates_on_mysql() {
     let Some(direct) = sql_servers::mysql_pool().await else {
         return;
     };
-    let (proxy, url) = proxy::in_front_of(&sql_servers::mysql_url(), 3306).await;
-    let pool = sqlx::mysql::MySqlPoolOptions::new()
-        .max_connections(16)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&url)
-        .await
-        .expect("a pool through the proxy");
-    let rig = Rig::start(pool, direct, Some(proxy)).await;
-    creates_once_and_replays(&rig).await;
-    copies_during_a_slow_create_never_make_a_second_order(&rig).await;
-    a_client_that_times_out_and_retries_gets_the_first_order(&rig).await;
-    body_rejections_are_problems_of_their_own_type(&rig).await;
-    a_cut_before_the_commit_leaves_no_order_and_no_record(&rig).await;
-    a_copy_of_a_create_slower_than_the_wait_gets_409(&rig).await;
-    a_commit_that_is_lost_is_502_and_the_retry_creates_once(&rig).await;
+    let (proxy, pool) = proxied::<sqlx::MySql>(&sql_servers::mysql_url(), 3306).await;
+    networked(&Rig::start(pool, direct, Some(proxy)).await).await;
 }
